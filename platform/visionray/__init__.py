@@ -1,0 +1,3 @@
+"""VisionRay: train, tune and serve image-recognition CNNs on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,174 @@
+"""The ``visionray`` command line (typer + rich).
+
+User errors print what is wrong (field, value, what is allowed) and exit 2; nothing prints a
+traceback unless VISIONRAY_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.live import Live
+from rich.table import Table
+
+from visionray.cli_common import QUICKSTART, AddressOption, SetOption, console, err, fail, fmt, user_errors
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, tune and serve image CNNs on Ray.")
+
+
+# --------------------------------------------------------------------------- validate
+
+
+@app.command()
+def validate(
+    file: Path = typer.Argument(..., help="a training spec (jobs/*.yaml)"),
+    set_: list[str] = SetOption,
+) -> None:
+    """Validate a spec: print OK, or every error (field, value, what is allowed) and exit 2."""
+    from visionray.specs import SpecError, load_spec
+
+    try:
+        spec = load_spec(file, set_)
+    except SpecError as exc:
+        fail(exc.errors, f"{file}: {len(exc.errors)} error(s)")
+    console.print(f"[green]OK[/] {file}: training job [bold]{spec.output.name}[/] "
+                  f"({spec.model.name} on {spec.data.source}, {spec.scaling.workers} worker(s))")
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _epoch_table(spec, rows: list[dict[str, Any]]) -> Table:
+    table = Table(title=f"{spec.output.name}: {spec.model.name} on {spec.data.source}, {spec.scaling.workers} worker(s)")
+    for col in ("epoch", "train loss", "val loss", "val acc", "val top5", "img/s", "epoch s"):
+        table.add_column(col, justify="right")
+    for m in rows:
+        table.add_row(
+            f"{m['epoch']}/{spec.optim.epochs}", fmt(m["train_loss"]), fmt(m["val_loss"]), fmt(m["val_acc"]),
+            fmt(m.get("val_top5")), f"{m['images_per_s']:.0f}", f"{m['epoch_s']:.1f}",
+        )
+    return table
+
+
+@app.command()
+def train(
+    spec_file: Optional[Path] = typer.Argument(None, metavar="[SPEC]", help="training spec; default jobs/quickstart.yaml"),
+    set_: list[str] = SetOption,
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="data-parallel workers (scaling.workers)"),
+    gpu: bool = typer.Option(False, "--gpu", help="one GPU per worker (scaling.gpu)"),
+    address: Optional[str] = AddressOption,
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's worker and controller output"),
+) -> None:
+    """Train a CNN with Ray Train; the same job name again resumes from its latest checkpoint."""
+    from visionray import train as vtrain
+    from visionray.specs import load_spec
+
+    overrides = list(set_)
+    if workers is not None:
+        overrides.append(f"scaling.workers={workers}")
+    if gpu:
+        overrides.append("scaling.gpu=true")
+    with user_errors():
+        spec = load_spec(spec_file or QUICKSTART, overrides)
+    console.print(f"[bold]visionray train[/] {spec.output.name} -> {vtrain.run_dir(spec)}")
+    vtrain.init_ray(address, verbose)
+    rows: list[dict[str, Any]] = []
+    start = time.time()
+    with user_errors(), Live(_epoch_table(spec, rows), console=console, refresh_per_second=4) as live:
+        def on_report(item: dict[str, Any]) -> None:
+            if "metrics" in item:
+                rows.append(item["metrics"])
+                live.update(_epoch_table(spec, rows))
+            elif "error" in item:
+                for rank, msg in item["error"].items():
+                    err.print(f"[yellow]worker {rank} failed[/]: {msg} (Ray Train restores from the latest checkpoint)")
+
+        try:
+            result = vtrain.fit_with_progress(spec, on_report)
+        except Exception as exc:
+            live.stop()
+            fail([f"{type(exc).__name__}: {exc}"], "training failed", code=1)
+    best = vtrain.best_checkpoint(vtrain.run_dir(spec)) if "://" not in spec.output.storage else result.checkpoint.path
+    _summary(spec, best, time.time() - start)
+    if spec.registration is not None:
+        cli_registry.register_after_run(spec.registration, best, lineage={"job": spec.output.name, "run_dir": vtrain.run_dir(spec)})
+
+
+def _summary(spec, best: Any, seconds: float) -> None:
+    from visionray.checkpoint import read_metadata
+
+    meta = read_metadata(Path(best)) if "://" not in str(best) else None
+    table = Table(show_header=False, title="summary")
+    table.add_row("job", spec.output.name)
+    if meta:
+        m = meta["metrics"]
+        table.add_row("best epoch", f"{meta['epoch']}/{spec.optim.epochs}")
+        table.add_row("val accuracy", f"{m['val_acc']:.4f}" + (f" (top-5 {m['val_top5']:.4f})" if "val_top5" in m else ""))
+    table.add_row("checkpoint", str(best))
+    table.add_row("metrics", f"{spec.output.storage}/{spec.output.name}/metrics.csv, tensorboard/")
+    table.add_row("wall time", f"{seconds:.0f} s")
+    console.print(table)
+    if meta:
+        console.print(f"val accuracy {meta['metrics']['val_acc']:.4f}  checkpoint {best}")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="a checkpoint directory, or a run directory (its best checkpoint)"),
+    data: str = typer.Option("val", "--data", help="val (the checkpoint's held-out split), test (torchvision), or an image folder/archive"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON for machines"),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="write the confusion matrix as a PNG"),
+) -> None:
+    """Score a checkpoint: top-1/top-5, a per-class table and a confusion matrix."""
+    from visionray.checkpoint import load_model
+    from visionray.evaluate import evaluate_checkpoint, plot_confusion
+    from visionray.train import best_checkpoint
+
+    with user_errors():
+        path = best_checkpoint(checkpoint)
+        model, meta = load_model(path)
+        ev = evaluate_checkpoint(model, meta, data)
+    if plot is not None:
+        plot_confusion(ev, plot)
+    if as_json:
+        print(json.dumps({"checkpoint": str(path), **ev.to_json()}))
+        return
+    console.print(f"[bold]{path}[/] on {ev.data}: {ev.count} images")
+    console.print(f"top-1 {ev.top1:.4f}" + (f"   top-5 {ev.top5:.4f}" if ev.top5 is not None else ""))
+    per = Table(title="per class")
+    for col in ("class", "support", "precision", "recall"):
+        per.add_column(col, justify="right")
+    for row in ev.per_class():
+        per.add_row(row["class"], str(row["support"]), fmt(row["precision"], 3), fmt(row["recall"], 3))
+    console.print(per)
+    cm = Table(title="confusion matrix (rows: true, columns: predicted)")
+    cm.add_column("")
+    for name in ev.classes:
+        cm.add_column(name[:8], justify="right")
+    for name, row in zip(ev.classes, ev.confusion):
+        cm.add_row(name[:12], *[str(v) for v in row])
+    console.print(cm)
+    if plot is not None:
+        console.print(f"plot: {plot}")
+
+
+# Sub-commands kept in their own modules; each adds its commands to ``app``.
+from visionray import cli_registry, cli_serve, cli_tune  # noqa: E402
+
+for _module in (cli_registry, cli_serve, cli_tune):
+    _module.register(app)
+
+
+def main() -> None:  # pragma: no cover - console entry for `python -m visionray.cli`
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,13 @@
+"""`visionray serve`, `predict` and `loadtest` (issue 5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+
+from visionray.cli_common import err
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the ``visionray`` app."""

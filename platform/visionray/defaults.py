@@ -1,0 +1,23 @@
+"""Defaults that are not fields of a user-facing spec, in one place, with units."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Where extracted archives and decoded image arrays are cached (bytes on disk, reused across runs).
+CACHE_DIR = Path(os.environ.get("VISIONRAY_CACHE", Path.home() / ".cache" / "visionray"))
+
+# Where runs go when a spec names no storage: relative to the current directory.
+RUNS_DIR = "runs"
+
+# The eval preset normalises with these per-channel statistics unless the spec gives its own
+# (pixel values in [0, 1] after scaling uint8 by 1/255).
+NORMALIZE_MEAN = 0.5
+NORMALIZE_STD = 0.25
+
+# Learning rates in specs are per 256 images of global batch (linear scaling rule).
+LR_REFERENCE_BATCH = 256  # images
+
+# Ray's dashboard and Jobs API bind here in local mode.
+LOCAL_HOST = "127.0.0.1"

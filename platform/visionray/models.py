@@ -1,0 +1,187 @@
+"""One model registry, timm-style: ``@register_model`` and ``create_model(name, ...)``.
+
+Every builder takes ``num_classes``, ``in_channels`` and ``image_size`` plus its own keyword
+arguments; ``check_model_args`` validates those keywords without building anything, so a spec
+with a bad model argument fails at validation time.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_COMMON = ("num_classes", "in_channels", "image_size")
+
+
+def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    assert fn.__name__ not in _REGISTRY, f"model {fn.__name__} registered twice"
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def _builder(name: str) -> Callable[..., nn.Module]:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list_models())}") from None
+
+
+def model_args(name: str) -> list[str]:
+    """The keyword arguments a model accepts besides the common three."""
+    return [p for p in inspect.signature(_builder(name)).parameters if p not in _COMMON]
+
+
+def check_model_args(name: str, kwargs: dict[str, Any]) -> None:
+    allowed = model_args(name)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"model {name!r} takes no {', '.join(unknown)}; it accepts: {', '.join(allowed) or 'no extra arguments'}"
+        )
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int = 224, **kwargs: Any) -> nn.Module:
+    check_model_args(name, kwargs)
+    return _builder(name)(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- the article's model
+
+
+@register_model
+def seed_cnn(num_classes: int = 10, in_channels: int = 3, image_size: int = 224) -> nn.Module:
+    """The article's Keras CNN, layer for layer: Conv2D(32, 3x3, relu, valid) -> MaxPool(2) ->
+    Conv2D(64, 3x3, relu, valid) -> MaxPool(2) -> Flatten -> Dense(128, relu) -> Dense(classes).
+    At 224x224x3 and 10 classes it has 23,908,682 parameters, as Keras reports."""
+    side = ((image_size - 2) // 2 - 2) // 2
+    if side < 1:
+        raise ValueError(f"seed_cnn needs image_size >= 10, got {image_size}")
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * side * side, 128), nn.ReLU(inplace=True),
+        nn.Linear(128, num_classes),
+    )
+
+
+# --------------------------------------------------------------------------- plain CNN
+
+
+def _conv_bn(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)
+    )
+
+
+@register_model
+def convnet(
+    num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+    depth: int = 4, width: int = 32, dropout: float = 0.2, hidden: int = 128,
+) -> nn.Module:
+    """``depth`` conv-BN-ReLU blocks; channels start at ``width`` and double each time the map is
+    halved by max-pooling (after every block while the map is at least 4 px, channels capped at 16x
+    width), then global average pooling, dropout and a dense head."""
+    layers: list[nn.Module] = []
+    cin, cout, side = in_channels, width, image_size
+    for _ in range(depth):
+        layers.append(_conv_bn(cin, cout))
+        cin = cout
+        if side >= 4:
+            layers.append(nn.MaxPool2d(2))
+            side //= 2
+            cout = min(cout * 2, width * 16)
+    return nn.Sequential(
+        *layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+        nn.Linear(cin, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, num_classes),
+    )
+
+
+# --------------------------------------------------------------------------- residual nets
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            _conv_bn(cin, cout, stride),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+        )
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.shortcut(x))
+
+
+@register_model
+def resnet(
+    num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+    depth: int = 20, width: int = 16, dropout: float = 0.0,
+) -> nn.Module:
+    """CIFAR-style ResNet (He et al. 2016, section 4.2): ``depth`` = 6n+2 layers in three stages of
+    n basic blocks with ``width``, 2x and 4x channels. Inputs up to 64 px get the small-image stem
+    (one 3x3 conv); larger inputs get the ImageNet stem (7x7 stride 2 and max-pooling)."""
+    if (depth - 2) % 6 or depth < 8:
+        raise ValueError(f"resnet depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 44, 56, 110), got {depth}")
+    n = (depth - 2) // 6
+    if image_size <= 64:
+        stem = _conv_bn(in_channels, width)
+    else:
+        stem = nn.Sequential(
+            nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False), nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True), nn.MaxPool2d(3, stride=2, padding=1),
+        )
+    blocks: list[nn.Module] = []
+    cin = width
+    for stage in range(3):
+        cout = width * 2**stage
+        for i in range(n):
+            blocks.append(BasicBlock(cin, cout, stride=2 if stage > 0 and i == 0 else 1))
+            cin = cout
+    return nn.Sequential(
+        stem, *blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes)
+    )
+
+
+def _torchvision_resnet(arch: str, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    import torchvision
+
+    model = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+    if in_channels != 3:
+        model.conv1 = nn.Conv2d(in_channels, 64, 7, stride=2, padding=3, bias=False)
+    if image_size <= 64:  # small-image stem: keep the resolution for 32x32 inputs
+        model.conv1 = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1, bias=False)
+        model.maxpool = nn.Identity()
+    return model
+
+
+@register_model
+def resnet18(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224) -> nn.Module:
+    """torchvision's ResNet-18 (randomly initialised: nothing is downloaded)."""
+    return _torchvision_resnet("resnet18", num_classes, in_channels, image_size)
+
+
+@register_model
+def resnet34(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224) -> nn.Module:
+    """torchvision's ResNet-34 (randomly initialised)."""
+    return _torchvision_resnet("resnet34", num_classes, in_channels, image_size)
+
+
+@register_model
+def resnet50(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224) -> nn.Module:
+    """torchvision's ResNet-50 (randomly initialised)."""
+    return _torchvision_resnet("resnet50", num_classes, in_channels, image_size)

@@ -1,0 +1,400 @@
+"""The training-job spec: one pydantic model per user-facing YAML, validated once at the edge.
+
+Everything a training job needs is here, with its default and unit. Code further in receives
+these typed objects, never dicts.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from visionray import defaults
+
+
+class SpecError(ValueError):
+    """A spec that cannot be used: ``errors`` holds one readable line per problem."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, populate_by_name=True)
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+# --------------------------------------------------------------------------- augmentation ops
+# Each op is one named, composable step; a policy is a list of them, applied in order to uint8
+# images before the eval preset's scaling and normalisation. ``visionray.transforms`` builds them.
+
+
+class NoneOp(Strict):
+    op: Literal["none"] = "none"
+
+
+class FlipCropOp(Strict):
+    op: Literal["flip_crop"] = "flip_crop"
+    padding: int = Field(4, ge=0, le=64, description="reflect padding before the random crop (px)")
+    flip: bool = Field(True, description="random horizontal flip; turn off for digits and text")
+
+
+class AutoAugmentOp(Strict):
+    op: Literal["autoaugment"] = "autoaugment"
+    policy: Literal["imagenet", "cifar10", "svhn"] = "cifar10"
+
+
+class RandAugmentOp(Strict):
+    op: Literal["randaugment"] = "randaugment"
+    n: int = Field(2, ge=1, le=10, description="ops applied per image")
+    m: int = Field(9, ge=0, le=30, description="magnitude on torchvision's 0..30 scale")
+
+
+class TrivialAugmentOp(Strict):
+    op: Literal["trivialaugment"] = "trivialaugment"
+
+
+class BrightnessContrastOp(Strict):
+    """The article's brightness/contrast adjustment: factors drawn from [1-x, 1+x]."""
+
+    op: Literal["brightness_contrast"] = "brightness_contrast"
+    brightness: float = Field(0.2, ge=0.0, le=1.0)
+    contrast: float = Field(0.2, ge=0.0, le=1.0)
+
+
+class GrayscaleOp(Strict):
+    """The article's grayscale conversion; the channel count is kept."""
+
+    op: Literal["grayscale"] = "grayscale"
+    p: Probability = 1.0
+
+
+class AutocontrastOp(Strict):
+    """Contrast enhancement: stretch each channel to the full range."""
+
+    op: Literal["autocontrast"] = "autocontrast"
+    p: Probability = 1.0
+
+
+class EqualizeOp(Strict):
+    """Contrast enhancement: histogram equalisation."""
+
+    op: Literal["equalize"] = "equalize"
+    p: Probability = 1.0
+
+
+class ColorBalanceOp(Strict):
+    """The article's colour balance (PIL's ImageEnhance.Color): saturation in [1-x, 1+x]."""
+
+    op: Literal["color_balance"] = "color_balance"
+    saturation: float = Field(0.3, ge=0.0, le=1.0)
+
+
+class BinarizeOp(Strict):
+    """The article's binarisation: pixels at or above ``threshold`` become 255, the rest 0."""
+
+    op: Literal["binarize"] = "binarize"
+    threshold: int = Field(128, ge=0, le=255, description="uint8 intensity")
+    p: Probability = 1.0
+
+
+AugmentOp = Annotated[
+    Union[
+        NoneOp, FlipCropOp, AutoAugmentOp, RandAugmentOp, TrivialAugmentOp, BrightnessContrastOp,
+        GrayscaleOp, AutocontrastOp, EqualizeOp, ColorBalanceOp, BinarizeOp,
+    ],
+    Field(discriminator="op"),
+]
+AUGMENT_OPS = (
+    "none", "flip_crop", "autoaugment", "randaugment", "trivialaugment", "brightness_contrast",
+    "grayscale", "autocontrast", "equalize", "color_balance", "binarize",
+)
+# Ops that may run at evaluation and serving time: deterministic when p == 1.
+PREPROCESS_OPS = ("grayscale", "autocontrast", "equalize", "binarize")
+
+
+def _ops_from_shorthand(value: Any) -> Any:
+    """Accept ``flip_crop`` for ``{op: flip_crop}`` and a single op for a one-item list."""
+    if value is None:
+        return []
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if isinstance(value, list):
+        return [{"op": v} if isinstance(v, str) else v for v in value]
+    return value
+
+
+class EvalPreset(Strict):
+    """Resize, deterministic preprocessing, scale and normalise: the one path from a decoded image
+    to a model input, shared by training, evaluation and serving, and saved with every checkpoint."""
+
+    image_size: int = Field(ge=8, le=1024, description="square model input side (px)")
+    channels: Literal[1, 3]
+    mean: list[float]
+    std: list[Annotated[float, Field(gt=0)]]
+    preprocess: list[AugmentOp] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _stats_match_channels(self) -> "EvalPreset":
+        for name in ("mean", "std"):
+            got = getattr(self, name)
+            if len(got) != self.channels:
+                raise ValueError(f"{name} has {len(got)} values {got}; it needs one per channel ({self.channels})")
+        return self
+
+
+# --------------------------------------------------------------------------- sections
+
+DataSource = Literal["digits", "imagefolder", "cifar10", "cifar100", "mnist", "fashion_mnist", "synthetic"]
+
+
+class DataSpec(Strict):
+    source: DataSource = Field("digits", description="named data source; see visionray.data")
+    path: str | None = Field(None, description="imagefolder: a directory of class folders, or a .tar/.tar.gz of one")
+    val_path: str | None = Field(None, description="imagefolder: a separate validation folder or archive")
+    root: str | None = Field(None, description="torchvision sources: directory holding (or receiving) the files")
+    download: bool = Field(False, description="torchvision sources: download into root when missing")
+    image_size: int = Field(32, ge=8, le=1024, description="square model input side (px)")
+    channels: Literal[1, 3] | None = Field(None, description="1 or 3; default: the source's own")
+    num_classes: int = Field(10, ge=2, le=100_000, description="synthetic only: class count")
+    num_samples: int = Field(2048, ge=16, le=10_000_000, description="synthetic only: images generated")
+    val_fraction: float = Field(0.1, gt=0.0, lt=0.9, description="share held out for validation when no val_path")
+    split_seed: int = Field(0, ge=0, description="seed of the train/val split: same seed, same split")
+    limit: int | None = Field(None, ge=16, description="use at most this many training images (quick runs)")
+    streaming: bool = Field(False, description="imagefolder: stream through Ray Data instead of loading to memory")
+    loader_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per training worker")
+    mean: list[float] | None = Field(None, description="per-channel normalisation mean in [0,1]; default 0.5")
+    std: list[float] | None = Field(None, description="per-channel normalisation std; default 0.25")
+    preprocess: list[AugmentOp] = Field(
+        default_factory=list,
+        description=f"deterministic ops kept in the eval preset (train, eval, serve): {', '.join(PREPROCESS_OPS)}",
+    )
+
+    _shorthand = field_validator("preprocess", mode="before")(_ops_from_shorthand)
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataSpec":
+        if self.source == "imagefolder" and not self.path:
+            raise ValueError("source 'imagefolder' needs data.path: a directory of class folders or a .tar/.tar.gz")
+        if self.source != "imagefolder":
+            for name in ("path", "val_path"):
+                if getattr(self, name):
+                    raise ValueError(f"data.{name} is only for source 'imagefolder' (source is {self.source!r})")
+        if self.streaming and self.source != "imagefolder":
+            raise ValueError(f"data.streaming is only for source 'imagefolder' (source is {self.source!r})")
+        for op in self.preprocess:
+            if op.op not in PREPROCESS_OPS or getattr(op, "p", 1.0) != 1.0:
+                raise ValueError(
+                    f"preprocess op {op.op!r} with p={getattr(op, 'p', None)} is not deterministic; "
+                    f"allowed: {', '.join(PREPROCESS_OPS)} with p=1 (put random ops in augment)"
+                )
+        return self
+
+
+class ModelSpec(Strict):
+    name: str = Field("convnet", description="a name from visionray.models.list_models()")
+    depth: int | None = Field(None, ge=1, le=200, description="convnet: conv blocks; resnet: layers (6n+2)")
+    width: int | None = Field(None, ge=1, le=4096, description="channels of the first stage (doubling per stage)")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout before the dense head")
+    hidden: int | None = Field(None, ge=1, le=65536, description="convnet: units of the dense hidden layer")
+
+    def kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelSpec":
+        from visionray.models import check_model_args
+
+        check_model_args(self.name, self.kwargs())
+        return self
+
+
+class OptimSpec(Strict):
+    name: Literal["sgd", "adam", "adamw"] = Field("adamw", description="sgd uses nesterov momentum")
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(64, ge=1, le=65536, description="images per worker per step")
+    lr: float = Field(4e-3, gt=0.0, le=100.0, description="learning rate per 256 images of global batch")
+    scale_lr: bool = Field(True, description="scale lr linearly by global batch / 256; off: lr is used as given")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd momentum (nesterov)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="adam/adamw betas")
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    schedule: Literal["constant", "onecycle", "cosine", "step"] = "onecycle"
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warmup (epochs) before the schedule")
+    step_epochs: int = Field(30, ge=1, description="step schedule: epochs between decays")
+    step_gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: lr factor per decay")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(None, gt=0.0, description="clip the gradient's global L2 norm to this")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimSpec":
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
+        for b in self.betas:
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"betas={list(self.betas)}: each must be in [0, 1)")
+        return self
+
+
+class ScalingSpec(Strict):
+    workers: int = Field(2, ge=1, le=4096, description="data-parallel training workers")
+    gpu: bool = Field(False, description="one GPU per worker (nccl); off: CPU (gloo)")
+    cpus_per_worker: float = Field(1.0, gt=0.0, le=256)
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    channels_last: bool | None = Field(None, description="channels_last memory format; default: on with GPU")
+    compile: bool = Field(False, description="torch.compile the model (first epoch includes compile time)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScalingSpec":
+        if self.precision == "fp16" and not self.gpu:
+            raise ValueError("precision 'fp16' needs scaling.gpu: true (fp16 autocast is GPU-only); use fp32 or bf16")
+        return self
+
+
+class CheckpointSpec(Strict):
+    every_epochs: int = Field(1, ge=1, description="save a checkpoint every this many epochs (and at the end)")
+    keep: int = Field(2, ge=1, le=1000, description="keep the best N checkpoints by val_acc")
+    max_failures: int = Field(3, ge=-1, description="worker failures to recover from (-1: unlimited)")
+
+
+class OutputSpec(Strict):
+    name: str = Field("run", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$", description="job name; same name resumes")
+    storage: str = Field(defaults.RUNS_DIR, description="local path or URI (s3://, gs://) every node can reach")
+
+
+class RegisterSpec(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="registry model name")
+    alias: str | None = Field("best", pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="alias moved to the new version")
+    registry: str | None = Field(None, description="registry root; default $VISIONRAY_REGISTRY or ./registry")
+
+
+class TrainSpec(Strict):
+    """A training job: what ``visionray train`` runs and what every checkpoint records."""
+
+    seed: int = Field(0, ge=0, description="seeds model init, shuffling and augmentation")
+    data: DataSpec = Field(default_factory=DataSpec)
+    augment: list[AugmentOp] = Field(default_factory=list, description=f"training policy: ops from {', '.join(AUGMENT_OPS)}")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    optim: OptimSpec = Field(default_factory=OptimSpec)
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    registration: RegisterSpec | None = Field(
+        None, alias="register", description="register the best checkpoint in the model registry"
+    )
+
+    _shorthand = field_validator("augment", mode="before")(_ops_from_shorthand)
+
+    def eval_preset(self, channels: int) -> EvalPreset:
+        """The preset for this job once the data's channel count is known."""
+        c = self.data.channels or channels
+        return EvalPreset(
+            image_size=self.data.image_size,
+            channels=c,
+            mean=self.data.mean or [defaults.NORMALIZE_MEAN] * c,
+            std=self.data.std or [defaults.NORMALIZE_STD] * c,
+            preprocess=self.data.preprocess,
+        )
+
+
+# --------------------------------------------------------------------------- loading
+
+_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict, in order."""
+    errors = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not _KEY.match(key):
+            errors.append(f"--set {item!r}: expected KEY=VALUE with a dotted key such as optim.lr=0.05")
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            errors.append(f"--set {key}: value {text!r} is not valid YAML ({str(exc).splitlines()[0]})")
+            continue
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                errors.append(f"--set {key}: {part!r} is a value ({child!r}), not a section")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    if errors:
+        raise SpecError("overrides", errors)
+    return raw
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One line per error: the field path, what is wrong and what is allowed, and the value given."""
+    lines = []
+    for err in exc.errors():
+        # a discriminated union adds the op's tag to the path: augment.0.randaugment.n -> augment.0.n
+        loc = ".".join(str(p) for p in err["loc"] if p not in AUGMENT_OPS)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "union_tag_invalid":
+            msg = f"unknown op {err['input'].get('op') if isinstance(err['input'], dict) else err['input']!r}; allowed: {', '.join(AUGMENT_OPS)}"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see `visionray validate --help` for the reference)"
+        line = f"{loc or '(top level)'}: {msg}"
+        if err["type"] not in ("missing", "union_tag_invalid") and not err["type"].startswith("value_error"):
+            line += f" (got {err['input']!r})"
+        lines.append(line)
+    return lines
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(str(path), [f"cannot read spec: {exc.strerror or exc}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError(str(path), [f"not valid YAML: {' '.join(str(exc).split())}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(str(path), [f"top level must be a mapping of sections, got {type(raw).__name__}"])
+    return raw
+
+
+def validate_model(model: type[BaseModel], raw: dict[str, Any], source: str):
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(source, format_errors(exc)) from None
+
+
+def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> TrainSpec:
+    """Read a training spec from YAML, apply ``--set`` overrides and validate it.
+
+    The job name defaults to the file's stem, so ``jobs/quickstart.yaml`` runs as ``quickstart``.
+    """
+    raw: dict[str, Any] = {}
+    source = "spec"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        raw = read_yaml(path)
+        out = raw.setdefault("output", {}) if isinstance(raw.get("output", {}), dict) else raw["output"]
+        if isinstance(out, dict):
+            out.setdefault("name", re.sub(r"[^A-Za-z0-9_.-]", "-", path.stem) or "run")
+    apply_overrides(raw, list(overrides or []))
+    return validate_model(TrainSpec, raw, source)

@@ -1,0 +1,444 @@
+"""Data-parallel training on Ray Train (V2 ``TorchTrainer``).
+
+``train_loop_per_worker`` is the whole per-worker program: build data, model and optimiser, resume
+from Ray's latest checkpoint, then ``train_one_epoch``, ``evaluate`` and ``ray.train.report`` per
+epoch. ``run_training`` is the driver side: scaling, storage, checkpoint policy and fault tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ray.train import UserCallback
+from torch import nn
+
+from visionray import checkpoint as ckpt
+from visionray import data as vdata
+from visionray.defaults import LR_REFERENCE_BATCH
+from visionray.models import create_model
+from visionray.specs import OptimSpec, TrainSpec
+from visionray.transforms import eval_transform, train_transform
+
+
+# --------------------------------------------------------------------------- optimisation
+
+
+def effective_lr(optim: OptimSpec, global_batch: int) -> float:
+    return optim.lr * global_batch / LR_REFERENCE_BATCH if optim.scale_lr else optim.lr
+
+
+def build_optimizer(optim: OptimSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():  # no weight decay on biases and norm scales
+        (decay if p.ndim > 1 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.momentum > 0)
+    cls = torch.optim.Adam if optim.name == "adam" else torch.optim.AdamW
+    return cls(groups, lr=lr, betas=optim.betas)
+
+
+def lr_factor(optim: OptimSpec, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at a given optimiser step: linear warmup, then the schedule."""
+    total = optim.epochs * steps_per_epoch
+    warmup = int(optim.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)  # progress through the schedule, 0..1
+        match optim.schedule:
+            case "constant":
+                return 1.0
+            case "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+            case "onecycle":  # linear up for the first 25% (unless warmup does that), linear down to 0
+                peak = 0.0 if warmup else 0.25
+                return max(0.0, t / peak if t < peak else (1 - t) / (1 - peak))
+            case "step":
+                return optim.step_gamma ** ((step // steps_per_epoch) // optim.step_epochs)
+        raise AssertionError(optim.schedule)
+
+    return factor
+
+
+# --------------------------------------------------------------------------- epoch loops
+
+
+@dataclass
+class Runtime:
+    """What one worker's loops need besides the model: device, precision and its place in the world."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+    world_size: int
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return images.to(self.device, non_blocking=True, memory_format=fmt), labels.to(self.device, non_blocking=True)
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+def train_one_epoch(
+    model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, scheduler, scaler,
+    criterion: nn.Module, rt: Runtime, grad_clip: float | None,
+) -> dict[str, float]:
+    model.train()
+    loss_sum, seen, start = torch.zeros((), device=rt.device), 0, time.perf_counter()
+    for images, labels in batches:
+        images, labels = rt.to_device(images, labels)
+        with rt.autocast():
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        loss_sum += loss.detach() * len(labels)
+        seen += len(labels)
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    seconds = time.perf_counter() - start
+    total_loss, total_seen, max_seconds = *rt.all_sum([loss_sum.item(), seen]), seconds
+    if rt.world_size > 1:  # the slowest worker sets the pace
+        t = torch.tensor([seconds], device=rt.device if rt.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        max_seconds = t.item()
+    return {
+        "train_loss": total_loss / max(total_seen, 1),
+        "images_per_s": total_seen / max_seconds,
+        "images_per_s_worker": seen / seconds,
+        "epoch_s": max_seconds,
+    }
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, num_classes: int) -> dict[str, float]:
+    """Loss, top-1 and (with more than 5 classes) top-5 over every worker's part of the data."""
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, top1, top5, count
+    for images, labels in batches:
+        images, labels = rt.to_device(images, labels)
+        with rt.autocast():
+            logits = model(images).float()
+        top = logits.topk(k, dim=1).indices
+        sums += torch.stack([
+            nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+            (top[:, 0] == labels).sum().double(),
+            (top == labels[:, None]).any(dim=1).sum().double(),
+            torch.tensor(float(len(labels)), dtype=torch.float64, device=rt.device),
+        ])
+    loss, top1, top5, count = rt.all_sum(sums.tolist())
+    out = {"val_loss": loss / max(count, 1), "val_acc": top1 / max(count, 1)}
+    if num_classes > 5:
+        out["val_top5"] = top5 / max(count, 1)
+    return out
+
+
+# --------------------------------------------------------------------------- the worker
+
+
+def _epoch_batches(spec: TrainSpec, data, transforms, rank: int, world: int, epoch: int):
+    """(train batches, val batches) for this worker and epoch, from memory or a Ray Data shard."""
+    train_tf, eval_tf = transforms
+    if data is None:  # streaming
+        import ray.train
+
+        bs = spec.optim.batch_size
+        return (
+            vdata.iter_stream(ray.train.get_dataset_shard("train"), bs, train_tf),
+            vdata.iter_stream(ray.train.get_dataset_shard("val"), bs, eval_tf),
+        )
+    bs, workers = spec.optim.batch_size, spec.data.loader_workers
+    n = len(data.train)
+    steps = vdata.steps_per_epoch(n, world, bs)
+    train_idx = vdata.shard_indices(n, rank, world, spec.seed, epoch)
+    val_idx = np.array_split(np.arange(len(data.val)), world)[rank]
+    return (
+        vdata.loader(data.train, train_tf, vdata.batch_chunks(train_idx, steps, bs), workers, spec.seed + epoch),
+        vdata.loader(data.val, eval_tf, [val_idx[i:i + bs] for i in range(0, len(val_idx), bs)] or [val_idx], workers, 0),
+    )
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    import ray.train
+    import ray.train.torch
+
+    spec: TrainSpec = config["spec"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(spec.seed)
+    device = ray.train.torch.get_device()
+    gpu = device.type == "cuda"
+    precision = spec.scaling.precision if spec.scaling.precision != "auto" else ("bf16" if gpu else "fp32")
+    rt = Runtime(
+        device=device,
+        autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+        channels_last=spec.scaling.channels_last if spec.scaling.channels_last is not None else gpu,
+        world_size=world,
+    )
+
+    if spec.data.streaming:
+        data, classes, channels = None, config["classes"], config["channels"]
+    else:
+        data = vdata.load_splits(spec.data)
+        classes, channels = data.classes, data.channels
+    preset = spec.eval_preset(channels)
+    transforms = (train_transform(preset, spec.augment), eval_transform(preset))
+    steps = config["steps_per_epoch"] if data is None else vdata.steps_per_epoch(len(data.train), world, spec.optim.batch_size)
+
+    model_kwargs = spec.model.kwargs()
+    model = create_model(spec.model.name, len(classes), preset.channels, preset.image_size, **model_kwargs)
+    model = model.to(device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    lr = effective_lr(spec.optim, spec.optim.batch_size * world)
+    optimizer = build_optimizer(spec.optim, model, lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec.optim, steps))
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    start_epoch = 0
+    if (restored := ray.train.get_checkpoint()) is not None:
+        with restored.as_directory() as d:
+            state = ckpt.load_train_state(Path(d), device)
+            model.load_state_dict(ckpt.load_model(d, device)[0].state_dict())
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_epoch = state["epoch"]
+    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
+    if spec.scaling.compile:
+        model = torch.compile(model)
+    criterion = nn.CrossEntropyLoss(label_smoothing=spec.optim.label_smoothing)
+
+    for epoch in range(start_epoch, spec.optim.epochs):
+        train_batches, val_batches = _epoch_batches(spec, data, transforms, rank, world, epoch)
+        metrics = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]}
+        metrics |= train_one_epoch(model, train_batches, optimizer, scheduler, scaler, criterion, rt, spec.optim.grad_clip)
+        metrics |= evaluate(model, val_batches, rt, len(classes))
+        last = epoch + 1 == spec.optim.epochs
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0 and ((epoch + 1) % spec.checkpoint.every_epochs == 0 or last):
+                ckpt.save_checkpoint(
+                    Path(tmp), model, spec=spec, model_name=spec.model.name, model_kwargs=model_kwargs,
+                    classes=classes, preset=preset, metrics=metrics, epoch=epoch + 1,
+                    train_state={
+                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(), "epoch": epoch + 1,
+                    },
+                )
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def init_ray(address: str | None = None, verbose: bool = False) -> None:
+    """Connect to ``address`` (or RAY_ADDRESS), or start a local cluster bound to loopback.
+
+    Unless ``verbose``, worker and controller output stays in Ray's log files (under
+    /tmp/ray/session_latest/logs): Ray's repeated internal lines are kept out of the user's way,
+    while real errors still surface as exceptions and through ``ReportToQueue.after_exception``."""
+    import logging
+    import os
+
+    import ray
+
+    from visionray.defaults import LOCAL_HOST
+
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+        "log_to_driver": verbose,
+    }
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # The dashboard serves Ray's state API (Train's placement-group cleaner polls it) and the
+        # Jobs API; both listen on loopback only.
+        ray.init(include_dashboard=True, dashboard_host=LOCAL_HOST, _node_ip_address=LOCAL_HOST, **kwargs)
+
+
+def storage_path(spec: TrainSpec) -> str:
+    """Ray's storage path: a URI as given, a local path made absolute (Ray requires that)."""
+    storage = spec.output.storage
+    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
+
+
+def run_dir(spec: TrainSpec) -> str:
+    """Where Ray keeps this job's checkpoints: ``<storage>/<name>``."""
+    return f"{storage_path(spec).rstrip('/')}/{spec.output.name}"
+
+
+def local_log_dir(spec: TrainSpec) -> Path:
+    """Where the driver writes metrics.csv and TensorBoard events: the run directory when it is
+    local, else ``runs/<name>`` under the current directory."""
+    if "://" in spec.output.storage:
+        return Path("runs") / spec.output.name
+    return Path(run_dir(spec))
+
+
+def build_trainer(spec: TrainSpec, callbacks: list | None = None, extra_run_config: dict | None = None):
+    """The ``TorchTrainer`` for a spec: used by ``visionray train`` and, per trial, by Tune."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config: dict[str, Any] = {"spec": spec}
+    datasets = None
+    if spec.data.streaming:
+        preset = spec.eval_preset(spec.data.channels or 3)
+        datasets, classes = vdata.streaming_datasets(spec.data, preset)
+        n = datasets["train"].count()
+        config |= {"classes": classes, "channels": preset.channels,
+                   "steps_per_epoch": max(1, math.ceil(n / spec.scaling.workers / spec.optim.batch_size))}
+    s = spec.scaling
+    resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
+    if s.gpu:
+        resources["GPU"] = 1
+    run_config = RunConfig(
+        name=spec.output.name,
+        storage_path=storage_path(spec),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=spec.checkpoint.keep, checkpoint_score_attribute="val_acc", checkpoint_score_order="max"
+        ),
+        failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
+        callbacks=callbacks or None,
+        logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's per-report INFO lines stay in its log files
+        **(extra_run_config or {}),
+    )
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=s.workers, use_gpu=s.gpu, resources_per_worker=resources),
+        run_config=run_config,
+        datasets=datasets,
+    )
+
+
+def list_checkpoints(directory: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+    """A run directory's checkpoints with their metadata, oldest epoch first."""
+    found = []
+    for d in sorted(Path(directory).glob("checkpoint_*")):
+        try:
+            found.append((d, ckpt.read_metadata(d)))
+        except ckpt.CheckpointError:
+            continue  # a checkpoint Ray is still writing, or one of another format
+    return sorted(found, key=lambda item: item[1]["epoch"])
+
+
+def best_checkpoint(directory: str | Path) -> Path:
+    """A checkpoint directory as given, or a run directory's best by val_acc (ties: later epoch)."""
+    directory = Path(directory)
+    if (directory / ckpt.METADATA_FILE).exists():
+        return directory
+    found = list_checkpoints(directory)
+    if not found:
+        raise ckpt.CheckpointError(f"{directory}: neither a checkpoint nor a run directory with checkpoints")
+    return max(found, key=lambda item: (item[1]["metrics"].get("val_acc", 0.0), item[1]["epoch"]))[0]
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class ReportToQueue(UserCallback):
+    """Runs in the Ray Train controller and forwards every report to a ``ray.util.queue.Queue``
+    that the driver reads: rank 0's metrics, every worker's, and the persisted checkpoint."""
+
+    def __init__(self, queue):
+        self.queue = queue
+
+    def after_report(self, run_context, metrics, checkpoint):
+        self.queue.put({"metrics": metrics[0], "workers": metrics, "checkpoint": checkpoint.path if checkpoint else None})
+
+    def after_exception(self, run_context, worker_exceptions):
+        self.queue.put({"error": {rank: f"{type(e).__name__}: {e}" for rank, e in worker_exceptions.items()}})
+
+
+class MetricsLog:
+    """Per-epoch metrics into ``metrics.csv`` (appended across resumes) and TensorBoard events."""
+
+    FIELDS = ("epoch", "train_loss", "val_loss", "val_acc", "val_top5", "lr", "images_per_s", "images_per_s_worker", "epoch_s")
+
+    def __init__(self, directory: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.csv_path = directory / "metrics.csv"
+        new = not self.csv_path.exists()
+        self.csv = self.csv_path.open("a")
+        if new:
+            self.csv.write(",".join(self.FIELDS) + "\n")
+        self.tb = SummaryWriter(str(directory / "tensorboard"))
+
+    def write(self, metrics: dict[str, Any]) -> None:
+        self.csv.write(",".join(str(metrics.get(f, "")) for f in self.FIELDS) + "\n")
+        self.csv.flush()
+        for key, value in metrics.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self.tb.add_scalar(key, value, metrics["epoch"])
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.csv.close()
+        self.tb.close()
+
+
+def fit_with_progress(spec: TrainSpec, on_report: Callable[[dict[str, Any]], None]):
+    """Run the job; call ``on_report`` on the driver for each epoch as it lands. Returns Ray's Result."""
+    import threading
+
+    from ray.util.queue import Empty, Queue
+
+    queue = Queue()
+    trainer = build_trainer(spec, callbacks=[ReportToQueue(queue)])
+    log = MetricsLog(local_log_dir(spec))
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # re-raised on the driver's main thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, daemon=True)
+    thread.start()
+    try:
+        while thread.is_alive() or not queue.empty():
+            try:
+                item = queue.get(timeout=0.5)
+            except Empty:
+                continue
+            if "metrics" in item:
+                log.write(item["metrics"])
+            on_report(item)
+        thread.join()
+    finally:
+        log.close()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -1,0 +1,35 @@
+"""Shared fixtures: one real local Ray cluster per test session, bound to loopback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (4 logical CPUs on any machine so 2-worker jobs, a Train controller
+    and Serve replicas fit on a 2-core CI box)."""
+    import ray
+
+    from visionray.train import init_ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                 log_to_driver=False, logging_level="ERROR")
+    init_ray()  # no-op once connected; keeps the CLI's path exercised
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def cifar_tar() -> Path:
+    if not CIFAR_TAR.exists():
+        pytest.skip(f"{CIFAR_TAR} not present (../shared is absent)")
+    return CIFAR_TAR
