@@ -351,6 +351,14 @@ def list_checkpoints(directory: str | Path) -> list[tuple[Path, dict[str, Any]]]
     return sorted(found, key=lambda item: item[1]["epoch"])
 
 
+def completed_epochs(spec: TrainSpec) -> int:
+    """Epochs the job's latest checkpoint holds (0 for a new job or a remote store)."""
+    if "://" in spec.output.storage:
+        return 0
+    found = list_checkpoints(run_dir(spec))
+    return found[-1][1]["epoch"] if found else 0
+
+
 def best_checkpoint(directory: str | Path) -> Path:
     """A checkpoint directory as given, or a run directory's best by val_acc (ties: later epoch)."""
     directory = Path(directory)

@@ -1,0 +1,159 @@
+"""Data sources, the seeded split and per-worker shards (including under a real 2-worker Ray Train run)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visionray import data as vdata
+from visionray.specs import DataSpec
+
+
+@pytest.mark.parametrize("n,world", [(10, 2), (11, 2), (1797, 3), (5, 5)])
+def test_shards_are_disjoint_and_cover(n, world):
+    for epoch in range(2):
+        shards = [vdata.shard_indices(n, r, world, seed=0, epoch=epoch) for r in range(world)]
+        joined = np.concatenate(shards)
+        assert len(joined) == n and set(joined.tolist()) == set(range(n))
+        assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_shards_reshuffle_per_epoch_and_repeat_per_seed():
+    a = vdata.shard_indices(100, 0, 2, seed=1, epoch=0)
+    assert not np.array_equal(a, vdata.shard_indices(100, 0, 2, seed=1, epoch=1))
+    assert np.array_equal(a, vdata.shard_indices(100, 0, 2, seed=1, epoch=0))
+
+
+@pytest.mark.parametrize("n,world,bs", [(11, 2, 2), (1527, 2, 32), (64, 2, 32), (3, 2, 8)])
+def test_every_worker_runs_the_same_number_of_steps_and_nothing_is_dropped(n, world, bs):
+    steps = vdata.steps_per_epoch(n, world, bs)
+    seen = []
+    for r in range(world):
+        chunks = vdata.batch_chunks(vdata.shard_indices(n, r, world, 0, 0), steps, bs)
+        assert len(chunks) == steps
+        seen += [i for c in chunks for i in c.tolist()]
+    assert sorted(seen) == list(range(n))
+
+
+def test_split_is_deterministic_and_disjoint():
+    tr, va = vdata.split_indices(1000, 0.2, seed=3)
+    tr2, va2 = vdata.split_indices(1000, 0.2, seed=3)
+    assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
+    assert len(va) == 200 and not set(tr) & set(va) and len(tr) + len(va) == 1000
+    assert not np.array_equal(va, vdata.split_indices(1000, 0.2, seed=4)[1])
+
+
+def _shard_probe(config):
+    """A real Ray Train worker reporting the training indices the platform gives it."""
+    import ray.train
+
+    from visionray.data import load_splits, shard_indices
+    from visionray.specs import DataSpec
+
+    ctx = ray.train.get_context()
+    n = len(load_splits(DataSpec()).train)
+    idx = shard_indices(n, ctx.get_world_rank(), ctx.get_world_size(), seed=0, epoch=0)
+    ray.train.report({"rank": ctx.get_world_rank(), "n": n, "indices": idx.tolist()})
+
+
+class _Collect:
+    pass
+
+
+def test_two_ray_train_workers_see_disjoint_shards_that_cover_the_set(ray_cluster, tmp_path):
+    from ray.train import RunConfig, ScalingConfig, UserCallback
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    queue = Queue()
+
+    class Forward(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            queue.put(metrics)
+
+    TorchTrainer(
+        _shard_probe, scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="shards", storage_path=str(tmp_path), callbacks=[Forward()]),
+    ).fit()
+    metrics = queue.get(timeout=10)
+    assert sorted(m["rank"] for m in metrics) == [0, 1]
+    a, b = (set(m["indices"]) for m in metrics)
+    assert a and b and not a & b
+    assert a | b == set(range(metrics[0]["n"]))
+
+
+def test_digits_default_source():
+    splits = vdata.load_splits(DataSpec(image_size=16))
+    assert splits.train.images.dtype == torch.uint8 and splits.train.images.shape[1:] == (1, 16, 16)
+    assert len(splits.train) + len(splits.val) == 1797 and splits.classes == [str(i) for i in range(10)]
+
+
+def test_synthetic_any_shape():
+    splits = vdata.load_splits(DataSpec(source="synthetic", image_size=224, channels=3, num_classes=7, num_samples=64))
+    assert splits.train.images.shape[1:] == (3, 224, 224) and int(splits.train.labels.max()) < 7
+
+
+def test_torchvision_source_without_files_or_network_says_what_to_do(tmp_path):
+    with pytest.raises(vdata.DataError, match="data.download"):
+        vdata.load_splits(DataSpec(source="cifar10", root=str(tmp_path)))
+
+
+def _write_folder(root: Path, classes=("cat", "dog"), per_class=6, size=(20, 12)):
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", size, (40 * c + i, 100, 200 - i)).save(root / name / f"{i}.png")
+
+
+def test_imagefolder_directory_and_tar(tmp_path, monkeypatch):
+    monkeypatch.setattr(vdata.defaults, "CACHE_DIR", tmp_path / "cache")
+    _write_folder(tmp_path / "imgs" / "wrapper")
+    spec = DataSpec(source="imagefolder", path=str(tmp_path / "imgs"), image_size=16, val_fraction=0.25)
+    from_dir = vdata.load_splits(spec)
+    assert from_dir.classes == ["cat", "dog"] and from_dir.train.images.shape[1:] == (3, 16, 16)
+    assert len(from_dir.train) + len(from_dir.val) == 12
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "imgs" / "wrapper", arcname="wrapper")
+    from_tar = vdata.load_splits(spec.model_copy(update={"path": str(archive)}))
+    assert torch.equal(from_tar.train.images, from_dir.train.images)
+    assert torch.equal(from_tar.val.labels, from_dir.val.labels)
+
+
+def test_imagefolder_refuses_archive_members_escaping_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(vdata.defaults, "CACHE_DIR", tmp_path / "cache")
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tar:
+        info = tarfile.TarInfo("../../escaped.txt")
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    with pytest.raises(Exception):
+        vdata.load_splits(DataSpec(source="imagefolder", path=str(archive)))
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+@pytest.mark.parametrize("make,word", [
+    (lambda p: None, "does not exist"),
+    (lambda p: p.write_text("x"), "not an archive"),
+    (lambda p: (p.mkdir(), (p / "only").mkdir()), "at least 2"),
+])
+def test_imagefolder_errors(tmp_path, make, word):
+    path = tmp_path / "data"
+    make(path)
+    with pytest.raises(vdata.DataError, match=word):
+        vdata.load_splits(DataSpec(source="imagefolder", path=str(path)))
+
+
+@pytest.mark.cifar
+def test_cifar10_tar_as_imagefolder(cifar_tar):
+    splits = vdata.load_splits(DataSpec(source="imagefolder", path=str(cifar_tar), val_fraction=0.1))
+    assert splits.classes[:3] == ["airplane", "automobile", "bird"] and len(splits.classes) == 10
+    assert len(splits.train) == 45_000 and len(splits.val) == 5_000
+    assert splits.train.images.shape[1:] == (3, 32, 32)
+    assert torch.bincount(splits.val.labels, minlength=10).min() > 400

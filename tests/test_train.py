@@ -1,0 +1,147 @@
+"""Ray Train end to end on a real local cluster: accuracy, checkpoints, resume, worker loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from visionray import checkpoint as ckpt
+from visionray import train as vtrain
+from visionray.cli import app
+from visionray.data import load_splits
+from visionray.evaluate import evaluate_checkpoint
+from visionray.specs import load_spec
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "jobs" / "quickstart.yaml"
+runner = CliRunner()
+
+pytestmark = pytest.mark.slow
+
+
+def _spec(tmp_path: Path, *overrides: str):
+    return load_spec(QUICKSTART, [f"output.storage={tmp_path}", *overrides])
+
+
+def _epochs_in_csv(spec) -> list[int]:
+    lines = (Path(vtrain.run_dir(spec)) / "metrics.csv").read_text().splitlines()[1:]
+    return [int(line.split(",")[0]) for line in lines]
+
+
+def test_quickstart_reaches_95_percent_and_checkpoints_round_trip(ray_cluster, tmp_path):
+    spec = _spec(tmp_path)
+    reports = []
+    result = vtrain.fit_with_progress(spec, reports.append)
+    metrics = [r["metrics"] for r in reports if "metrics" in r]
+    assert [m["epoch"] for m in metrics] == list(range(1, spec.optim.epochs + 1))
+    assert all(len(r["workers"]) == 2 for r in reports if "metrics" in r)
+    best = vtrain.best_checkpoint(vtrain.run_dir(spec))
+    model, meta = ckpt.load_model(best)
+    assert meta["metrics"]["val_acc"] >= 0.95
+    assert meta["spec"] == spec.model_dump(mode="json", by_alias=True)  # the resolved spec travels along
+    assert len(list(Path(vtrain.run_dir(spec)).glob("checkpoint_*"))) <= spec.checkpoint.keep + 1
+    # reloaded weights give the logits the evaluation reports, on the held-out split
+    ev = evaluate_checkpoint(model, meta, "val")
+    assert ev.top1 == pytest.approx(meta["metrics"]["val_acc"], abs=1e-6)
+    assert result.checkpoint is not None
+    assert _epochs_in_csv(spec) == list(range(1, spec.optim.epochs + 1))
+    assert list((Path(vtrain.run_dir(spec)) / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_same_name_resumes_from_latest_checkpoint(ray_cluster, tmp_path):
+    first = _spec(tmp_path, "optim.epochs=2")
+    vtrain.fit_with_progress(first, lambda item: None)
+    assert vtrain.completed_epochs(first) == 2
+    second = _spec(tmp_path, "optim.epochs=4")
+    seen = []
+    vtrain.fit_with_progress(second, lambda item: seen.append(item["metrics"]["epoch"]) if "metrics" in item else None)
+    assert seen == [3, 4]  # epochs 1-2 were not recomputed
+    assert _epochs_in_csv(second) == [1, 2, 3, 4]
+    assert vtrain.completed_epochs(second) == 4
+
+
+def _kill_one_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
+    import ray
+    from ray.util.state import list_actors
+
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(run_dir.glob("checkpoint_epoch_0001")):
+        time.sleep(0.2)
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True,
+    )
+    if actors:
+        os.kill(actors[-1].pid, signal.SIGKILL)
+        killed.append(actors[-1].pid)
+
+
+def test_killed_worker_recovers_and_completes_every_epoch(ray_cluster, tmp_path):
+    # Synthetic data big enough that an epoch lasts a few seconds: the kill lands mid-run.
+    spec = _spec(
+        tmp_path, "output.name=killed", "optim.epochs=4", "data.source=synthetic", "data.num_samples=6000",
+        "data.image_size=32", "data.channels=3", "data.val_fraction=0.1", "augment=[]", "model.width=32",
+    )
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_one_worker_after_first_checkpoint, args=(Path(vtrain.run_dir(spec)), killed))
+    killer.start()
+    items = []
+    vtrain.fit_with_progress(spec, items.append)
+    killer.join()
+    assert killed, "no worker was killed"
+    assert any("error" in item for item in items), "the controller never saw the worker die"
+    epochs = [item["metrics"]["epoch"] for item in items if "metrics" in item]
+    assert epochs[-1] == 4 and sorted(set(epochs)) == [1, 2, 3, 4]
+    # at most the epoch in flight was recomputed (checkpoints every epoch)
+    assert len(epochs) - 4 <= 1
+    assert vtrain.completed_epochs(spec) == 4
+
+
+def test_cli_train_then_evaluate(ray_cluster, tmp_path):
+    storage = tmp_path / "runs"
+    result = runner.invoke(app, ["train", "--set", f"output.storage={storage}", "--set", "optim.epochs=3"])
+    assert result.exit_code == 0, result.output
+    assert "val accuracy" in result.output and "checkpoint" in result.output
+    run = storage / "quickstart"
+    result = runner.invoke(app, ["evaluate", str(run), "--json", "--plot", str(tmp_path / "cm.png")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["count"] == 270 and 0.5 < report["top1"] <= 1.0
+    assert sum(map(sum, report["confusion"])) == 270
+    assert (tmp_path / "cm.png").stat().st_size > 1000
+    # a second run of a finished job trains nothing and says so
+    again = runner.invoke(app, ["train", "--set", f"output.storage={storage}", "--set", "optim.epochs=3"])
+    assert again.exit_code == 0 and "already finished 3/3" in again.output
+
+
+@pytest.mark.parametrize("args,word", [
+    (["train", "--set", "optim.lr=-1"], "optim.lr"),
+    (["train", "--set", "model.name=vgg"], "unknown model"),
+    (["train", "--workers", "0"], "--workers"),
+    (["evaluate", "/nonexistent/run"], "/nonexistent/run"),
+])
+def test_cli_bad_input_exits_2(args, word):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert word in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.cifar
+def test_cifar10_job_from_the_shared_tar_scores_unseen_images(ray_cluster, tmp_path, cifar_tar):
+    spec = load_spec(REPO / "jobs" / "cifar10-small.yaml", [
+        f"data.path={cifar_tar}", f"output.storage={tmp_path}", "optim.epochs=1", "data.limit=6000",
+    ])
+    vtrain.fit_with_progress(spec, lambda item: None)
+    model, meta = ckpt.load_model(vtrain.best_checkpoint(vtrain.run_dir(spec)))
+    ev = evaluate_checkpoint(model, meta, "val")
+    assert ev.count == 5000 and ev.top1 > 0.2  # well above chance (0.1) after one short epoch
+    held_out = load_splits(spec.data).val  # the seeded split training never drew from
+    assert ev.confusion.sum(1).tolist() == torch.bincount(held_out.labels, minlength=10).tolist()
