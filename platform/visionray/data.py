@@ -145,15 +145,11 @@ def load_splits(spec: DataSpec, preset: EvalPreset | None = None) -> DataSplits:
 
 
 def _finish(images: torch.Tensor, labels: np.ndarray | torch.Tensor, classes: list[str], spec: DataSpec,
-            preset: EvalPreset | None, val: ImageArrays | None = None) -> DataSplits:
+            preset: EvalPreset | None) -> DataSplits:
     """Convert channels, resize with the preset's own resize, then split off validation."""
     images = to_channels(images, preset.channels if preset else spec.channels)
-    size = preset.image_size if preset else spec.image_size
-    images = resize_all(images, size)
+    images = resize_all(images, preset.image_size if preset else spec.image_size)
     arrays = ImageArrays(images.contiguous(), torch.as_tensor(labels, dtype=torch.long))
-    if val is not None:
-        val = ImageArrays(resize_all(to_channels(val.images, images.shape[1]), size).contiguous(), val.labels)
-        return DataSplits(arrays, val, classes)
     train_idx, val_idx = split_indices(len(arrays), spec.val_fraction, spec.split_seed)
     return DataSplits(arrays.subset(train_idx), arrays.subset(val_idx), classes)
 
@@ -306,11 +302,11 @@ def decode_file(path: Path, channels: int, size: int) -> torch.Tensor:
     return resize_all(t.unsqueeze(0), size)[0]
 
 
-def decode_folder(root: Path, channels: int, size: int) -> tuple[ImageArrays, list[str]]:
-    """Decode every image of a class-folder tree, cached as .npy (never pickled) per size."""
-    files, labels, classes = list_folder(root)
-    key = hashlib.sha256(f"{root.resolve()}|{len(files)}|{channels}|{size}".encode()).hexdigest()[:16]
-    cache = defaults.CACHE_DIR / "decoded" / f"{root.name}-{key}.npy"
+def decode_files(files: list[Path], labels: np.ndarray, channels: int, size: int) -> ImageArrays:
+    """Decode image files into memory, cached as .npy (never pickled) per file list and size."""
+    digest = hashlib.sha256("\n".join(str(f.resolve()) for f in files).encode())
+    digest.update(f"|{channels}|{size}".encode())
+    cache = defaults.CACHE_DIR / "decoded" / f"{digest.hexdigest()[:24]}.npy"
     if cache.exists():
         images = torch.from_numpy(np.load(cache, allow_pickle=False))
     else:
@@ -320,25 +316,38 @@ def decode_folder(root: Path, channels: int, size: int) -> tuple[ImageArrays, li
         tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
         np.save(tmp, images.numpy(), allow_pickle=False)
         os.replace(tmp, cache)
-    return ImageArrays(images, torch.as_tensor(labels, dtype=torch.long)), classes
+    return ImageArrays(images, torch.as_tensor(labels, dtype=torch.long))
+
+
+def decode_folder(root: Path, channels: int, size: int) -> tuple[ImageArrays, list[str]]:
+    """Every image of a class-folder tree, decoded, and the class names."""
+    files, labels, classes = list_folder(root)
+    return decode_files(files, labels, channels, size), classes
 
 
 @register_source("imagefolder")
 def _imagefolder(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
-    """A directory (or archive) of class folders; ``train``/``val`` subfolders are used as given."""
+    """A directory (or archive) of class folders; ``train``/``val`` subfolders are used as given.
+    The split and ``limit`` are decided on the file list, so only the images used are decoded."""
     root = resolve_folder(spec.path)
     channels = (preset.channels if preset else spec.channels) or 3
     size = preset.image_size if preset else spec.image_size
     val_root = resolve_folder(spec.val_path) if spec.val_path else None
     if val_root is None and (root / "train").is_dir() and (root / "val").is_dir():
         root, val_root = root / "train", root / "val"
-    arrays, classes = decode_folder(root, channels, size)
-    val = None
+    files, labels, classes = list_folder(root)
     if val_root is not None:
-        val, val_classes = decode_folder(val_root, channels, size)
+        val_files, val_labels, val_classes = list_folder(val_root)
         if val_classes != classes:
             raise DataError(f"validation classes {val_classes} differ from training classes {classes}")
-    return _finish(arrays.images, arrays.labels, classes, spec, preset, val=val)
+        train_idx = np.arange(len(files))
+    else:
+        train_idx, val_idx = split_indices(len(files), spec.val_fraction, spec.split_seed)
+        val_files, val_labels = [files[i] for i in val_idx], labels[val_idx]
+    if spec.limit is not None:
+        train_idx = train_idx[:spec.limit]
+    train = decode_files([files[i] for i in train_idx], labels[train_idx], channels, size)
+    return DataSplits(train, decode_files(val_files, val_labels, channels, size), classes)
 
 
 # --------------------------------------------------------------------------- streaming (Ray Data)

@@ -71,10 +71,16 @@ def eval_arrays(meta: dict[str, Any], data: str) -> vdata.ImageArrays:
 
 @torch.inference_mode()
 def predict_logits(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Logits for uint8 images through the checkpoint's eval preset, with its test-time augmentation."""
     tf = eval_transform(ckpt.eval_preset(meta))
+    tta = meta["spec"].get("evaluation", {}).get("tta", "none")
     out = []
     for chunk in images.split(batch_size):
-        out.append(model(torch.stack([tf(im) for im in chunk])).float())
+        x = torch.stack([tf(im) for im in chunk])
+        logits = model(x).float()
+        if tta == "flip":
+            logits = (logits + model(x.flip(-1)).float()) / 2
+        out.append(logits)
     return torch.cat(out) if out else torch.empty(0, len(meta["classes"]))
 
 

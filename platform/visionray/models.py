@@ -185,3 +185,54 @@ def resnet34(num_classes: int = 1000, in_channels: int = 3, image_size: int = 22
 def resnet50(num_classes: int = 1000, in_channels: int = 3, image_size: int = 224) -> nn.Module:
     """torchvision's ResNet-50 (randomly initialised)."""
     return _torchvision_resnet("resnet50", num_classes, in_channels, image_size)
+
+
+# --------------------------------------------------------------------------- fast CIFAR net
+
+
+class _ConvGroup(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.GELU(),
+            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
+        )
+
+
+class AirbenchNet(nn.Module):
+    """The purpose-built CIFAR-10 net of the speed record (Keller Jordan's airbench94): a frozen 2x2
+    patch-whitening convolution initialised from the training data, three conv groups of
+    ``width``, 4x and 4x channels, max-pooling and a scaled linear head."""
+
+    def __init__(self, num_classes: int, in_channels: int, width: int):
+        super().__init__()
+        self.whiten = nn.Conv2d(in_channels, 2 * in_channels * 4, 2, bias=True)
+        self.body = nn.Sequential(
+            nn.GELU(), _ConvGroup(self.whiten.out_channels, width), _ConvGroup(width, 4 * width),
+            _ConvGroup(4 * width, 4 * width), nn.AdaptiveMaxPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * width, num_classes, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.whiten(x))) / 9.0
+
+    @torch.no_grad()
+    def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Set the whitening filters to the eigenvectors of the 2x2 patch covariance of ``images``
+        (scaled by 1/sqrt(eigenvalue)), both signs, and freeze them."""
+        c = images.shape[1]
+        # (N, C, H-1, W-1, 2, 2) -> one row per patch, ordered (channel, row, column) like conv weights
+        patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, c * 4)
+        patches = patches - patches.mean(0)
+        cov = patches.T @ patches / len(patches)
+        eigval, eigvec = torch.linalg.eigh(cov)
+        filters = (eigvec.T / torch.sqrt(eigval + eps)[:, None]).reshape(-1, c, 2, 2)
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+        self.whiten.bias.zero_()
+        self.whiten.weight.requires_grad_(False)
+
+
+@register_model
+def airbench(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int = 64) -> nn.Module:
+    """airbench94's net for 32x32 inputs; ``data.pipeline: batched`` feeds it fastest. Its whitening
+    layer is initialised from the first 5,000 training images when training starts."""
+    return AirbenchNet(num_classes, in_channels, width)

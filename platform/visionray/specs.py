@@ -171,6 +171,11 @@ class DataSpec(Strict):
     limit: int | None = Field(None, ge=16, description="use at most this many training images (quick runs)")
     streaming: bool = Field(False, description="imagefolder: stream through Ray Data instead of loading to memory")
     loader_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per training worker")
+    pipeline: Literal["per_sample", "batched"] = Field(
+        "per_sample",
+        description="per_sample: torchvision ops per image in a DataLoader (every op); batched: the whole "
+        "split kept on the worker's device (GPU memory with a GPU) and flip/crop done on whole batches",
+    )
     mean: list[float] | None = Field(None, description="per-channel normalisation mean in [0,1]; default 0.5")
     std: list[float] | None = Field(None, description="per-channel normalisation std; default 0.25")
     preprocess: list[AugmentOp] = Field(
@@ -274,6 +279,14 @@ class RegisterSpec(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="registry model name")
     alias: str | None = Field("best", pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="alias moved to the new version")
     registry: str | None = Field(None, description="registry root; default $VISIONRAY_REGISTRY or ./registry")
+    signing_key: str | None = Field(None, description="PEM private key that signs the version; default $VISIONRAY_SIGNING_KEY")
+
+
+class EvaluationSpec(Strict):
+    tta: Literal["none", "flip"] = Field("none", description="test-time augmentation: average logits with the mirrored image")
+
+
+BATCHED_OPS = ("none", "flip_crop")
 
 
 class TrainSpec(Strict):
@@ -291,7 +304,22 @@ class TrainSpec(Strict):
         None, alias="register", description="register the best checkpoint in the model registry"
     )
 
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec)
+
     _shorthand = field_validator("augment", mode="before")(_ops_from_shorthand)
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainSpec":
+        if self.data.pipeline == "batched":
+            if self.data.streaming:
+                raise ValueError("data.pipeline 'batched' keeps the data in memory; it cannot stream (data.streaming)")
+            for op in self.augment:
+                if op.op not in BATCHED_OPS:
+                    raise ValueError(
+                        f"augment op {op.op!r} has no batched form; with data.pipeline 'batched' use "
+                        f"{' or '.join(BATCHED_OPS)}, or set data.pipeline: per_sample"
+                    )
+        return self
 
     def eval_preset(self, channels: int) -> EvalPreset:
         """The preset for this job once the data's channel count is known."""

@@ -26,7 +26,7 @@ from visionray import data as vdata
 from visionray.defaults import LR_REFERENCE_BATCH
 from visionray.models import create_model
 from visionray.specs import OptimSpec, TrainSpec
-from visionray.transforms import eval_transform, train_transform
+from visionray.transforms import batch_augment, eval_transform, normalize_batch, preprocess_all, train_transform
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -136,8 +136,9 @@ def train_one_epoch(
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, num_classes: int) -> dict[str, float]:
-    """Loss, top-1 and (with more than 5 classes) top-5 over every worker's part of the data."""
+def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, num_classes: int, tta: str = "none") -> dict[str, float]:
+    """Loss, top-1 and (with more than 5 classes) top-5 over every worker's part of the data.
+    ``tta="flip"`` averages the logits of each image and its mirror image."""
     model.eval()
     k = min(5, num_classes)
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, top1, top5, count
@@ -145,6 +146,8 @@ def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, num_classes: int)
         images, labels = rt.to_device(images, labels)
         with rt.autocast():
             logits = model(images).float()
+            if tta == "flip":
+                logits = (logits + model(images.flip(-1)).float()) / 2
         top = logits.topk(k, dim=1).indices
         sums += torch.stack([
             nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
@@ -178,77 +181,162 @@ def _epoch_batches(spec: TrainSpec, data, transforms, rank: int, world: int, epo
     steps = vdata.steps_per_epoch(n, world, bs)
     train_idx = vdata.shard_indices(n, rank, world, spec.seed, epoch)
     val_idx = np.array_split(np.arange(len(data.val)), world)[rank]
+    if spec.data.pipeline == "batched":  # data already on the device, preprocessed; see train_loop_per_worker
+        preset, augment = train_tf
+        dev = data.train.images.device
+        return (
+            ((augment(normalize_batch(preset, data.train.images[c])), data.train.labels[c])
+             for c in (torch.as_tensor(c, device=dev) for c in vdata.batch_chunks(train_idx, steps, bs))),
+            ((normalize_batch(preset, data.val.images[c]), data.val.labels[c])
+             for c in (torch.as_tensor(val_idx[i:i + bs], device=dev) for i in range(0, len(val_idx), bs))),
+        )
     return (
         vdata.loader(data.train, train_tf, vdata.batch_chunks(train_idx, steps, bs), workers, spec.seed + epoch),
         vdata.loader(data.val, eval_tf, [val_idx[i:i + bs] for i in range(0, len(val_idx), bs)] or [val_idx], workers, 0),
     )
 
 
+def _first_images(spec: TrainSpec, data, preset) -> torch.Tensor:
+    """Up to 5,000 normalised training images (no augmentation), for data-dependent init."""
+    images = data.train.images[:5000]
+    if spec.data.pipeline == "batched":
+        return normalize_batch(preset, images)
+    tf = eval_transform(preset)
+    return torch.stack([tf(im) for im in images])
+
+
+def _warm_up(model: nn.Module, criterion: nn.Module, batches: Iterable, rt: Runtime) -> float:
+    """Compile the model on one forward and backward pass, then put the weights back, so that
+    epoch timings measure steady-state steps only. Returns the seconds spent."""
+    start = time.perf_counter()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    images, labels = rt.to_device(*next(iter(batches)))
+    with rt.autocast():
+        criterion(model(images), labels).backward()
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    return time.perf_counter() - start
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a worker needs to know about Ray Data streaming inputs (counted on the driver)."""
+
+    classes: list[str]
+    channels: int
+    steps_per_epoch: int
+
+
+class Worker:
+    """Everything one training worker builds from a spec: data, model, optimiser, schedule,
+    restored state. Ray Train's loop and the plain-PyTorch benchmarks drive it the same way."""
+
+    def __init__(
+        self, spec: TrainSpec, rank: int, world: int, device: torch.device, *,
+        wrap: Callable[[nn.Module], nn.Module] = lambda m: m, restore_dir: Path | None = None,
+        stream: StreamInfo | None = None,
+    ):
+        self.spec, self.rank, self.world = spec, rank, world
+        torch.manual_seed(spec.seed)
+        gpu = device.type == "cuda"
+        precision = spec.scaling.precision if spec.scaling.precision != "auto" else ("bf16" if gpu else "fp32")
+        self.rt = rt = Runtime(
+            device=device,
+            autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+            channels_last=spec.scaling.channels_last if spec.scaling.channels_last is not None else gpu,
+            world_size=world,
+        )
+        if stream is not None:
+            data, self.classes, channels, steps = None, stream.classes, stream.channels, stream.steps_per_epoch
+        else:
+            data = vdata.load_splits(spec.data)
+            self.classes, channels = data.classes, data.channels
+            steps = vdata.steps_per_epoch(len(data.train), world, spec.optim.batch_size)
+        self.preset = preset = spec.eval_preset(channels)
+        if spec.data.pipeline == "batched":  # the whole split lives on the device; ops run on batches
+            data = vdata.DataSplits(*(
+                vdata.ImageArrays(preprocess_all(preset, a.images).to(device), a.labels.to(device))
+                for a in (data.train, data.val)
+            ), data.classes)
+            self.transforms = ((preset, batch_augment(spec.augment, torch.Generator().manual_seed(spec.seed * 1000 + rank))), None)
+        else:
+            self.transforms = (train_transform(preset, spec.augment), eval_transform(preset))
+        self.data = data
+
+        self.model_kwargs = spec.model.kwargs()
+        model = create_model(spec.model.name, len(self.classes), preset.channels, preset.image_size, **self.model_kwargs)
+        model = model.to(device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+        self.optimizer = build_optimizer(spec.optim, model, effective_lr(spec.optim, spec.optim.batch_size * world))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(spec.optim, steps))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.start_epoch = 0
+        if restore_dir is not None:
+            state = ckpt.load_train_state(restore_dir, device)
+            model.load_state_dict(ckpt.load_model(restore_dir, device)[0].state_dict())
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.start_epoch = state["epoch"]
+        elif hasattr(model, "init_whitening") and data is not None:  # data-dependent init (airbench's whitening)
+            model.init_whitening(_first_images(spec, data, preset).to(device))
+        self.model = wrap(model)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=spec.optim.label_smoothing)
+        self.compile_s = None
+        if spec.scaling.compile:
+            self.model = torch.compile(self.model)
+            self.compile_s = _warm_up(self.model, self.criterion, self.batches(0)[0], rt)
+
+    def batches(self, epoch: int):
+        return _epoch_batches(self.spec, self.data, self.transforms, self.rank, self.world, epoch)
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        train_batches, val_batches = self.batches(epoch)
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0]}
+        if self.compile_s is not None and epoch == self.start_epoch:
+            metrics["compile_s"] = self.compile_s  # kept out of epoch_s
+        metrics |= train_one_epoch(
+            self.model, train_batches, self.optimizer, self.scheduler, self.scaler, self.criterion, self.rt,
+            self.spec.optim.grad_clip,
+        )
+        return metrics | evaluate(self.model, val_batches, self.rt, len(self.classes), self.spec.evaluation.tta)
+
+    def checkpoint_due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.spec.checkpoint.every_epochs == 0 or epoch + 1 == self.spec.optim.epochs
+
+    def save(self, directory: Path, metrics: dict[str, Any], epoch: int) -> None:
+        ckpt.save_checkpoint(
+            directory, self.model, spec=self.spec, model_name=self.spec.model.name, model_kwargs=self.model_kwargs,
+            classes=self.classes, preset=self.preset, metrics=metrics, epoch=epoch,
+            train_state={
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(), "epoch": epoch,
+            },
+        )
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function: resume, then train, evaluate and report every epoch."""
     import ray.train
     import ray.train.torch
 
     spec: TrainSpec = config["spec"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.manual_seed(spec.seed)
-    device = ray.train.torch.get_device()
-    gpu = device.type == "cuda"
-    precision = spec.scaling.precision if spec.scaling.precision != "auto" else ("bf16" if gpu else "fp32")
-    rt = Runtime(
-        device=device,
-        autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
-        channels_last=spec.scaling.channels_last if spec.scaling.channels_last is not None else gpu,
-        world_size=world,
-    )
-
-    if spec.data.streaming:
-        data, classes, channels = None, config["classes"], config["channels"]
-    else:
-        data = vdata.load_splits(spec.data)
-        classes, channels = data.classes, data.channels
-    preset = spec.eval_preset(channels)
-    transforms = (train_transform(preset, spec.augment), eval_transform(preset))
-    steps = config["steps_per_epoch"] if data is None else vdata.steps_per_epoch(len(data.train), world, spec.optim.batch_size)
-
-    model_kwargs = spec.model.kwargs()
-    model = create_model(spec.model.name, len(classes), preset.channels, preset.image_size, **model_kwargs)
-    model = model.to(device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-    lr = effective_lr(spec.optim, spec.optim.batch_size * world)
-    optimizer = build_optimizer(spec.optim, model, lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(spec.optim, steps))
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    start_epoch = 0
-    if (restored := ray.train.get_checkpoint()) is not None:
-        with restored.as_directory() as d:
-            state = ckpt.load_train_state(Path(d), device)
-            model.load_state_dict(ckpt.load_model(d, device)[0].state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch = state["epoch"]
-    model = ray.train.torch.prepare_model(model, parallel_strategy="ddp" if world > 1 else None)
-    if spec.scaling.compile:
-        model = torch.compile(model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=spec.optim.label_smoothing)
-
-    for epoch in range(start_epoch, spec.optim.epochs):
-        train_batches, val_batches = _epoch_batches(spec, data, transforms, rank, world, epoch)
-        metrics = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0]}
-        metrics |= train_one_epoch(model, train_batches, optimizer, scheduler, scaler, criterion, rt, spec.optim.grad_clip)
-        metrics |= evaluate(model, val_batches, rt, len(classes))
-        last = epoch + 1 == spec.optim.epochs
+    restored = ray.train.get_checkpoint()
+    with restored.as_directory() if restored else contextlib.nullcontext() as restore_dir:
+        worker = Worker(
+            spec, rank, world, ray.train.torch.get_device(),
+            wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy="ddp" if world > 1 else None),
+            restore_dir=Path(restore_dir) if restore_dir else None, stream=config.get("stream"),
+        )
+    for epoch in range(worker.start_epoch, spec.optim.epochs):
+        metrics = worker.run_epoch(epoch)
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
-            if rank == 0 and ((epoch + 1) % spec.checkpoint.every_epochs == 0 or last):
-                ckpt.save_checkpoint(
-                    Path(tmp), model, spec=spec, model_name=spec.model.name, model_kwargs=model_kwargs,
-                    classes=classes, preset=preset, metrics=metrics, epoch=epoch + 1,
-                    train_state={
-                        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(), "epoch": epoch + 1,
-                    },
-                )
+            if rank == 0 and worker.checkpoint_due(epoch):
+                worker.save(Path(tmp), metrics, epoch + 1)
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
 
@@ -314,12 +402,11 @@ def build_trainer(spec: TrainSpec, callbacks: list | None = None, extra_run_conf
         preset = spec.eval_preset(spec.data.channels or 3)
         datasets, classes = vdata.streaming_datasets(spec.data, preset)
         n = datasets["train"].count()
-        config |= {"classes": classes, "channels": preset.channels,
-                   "steps_per_epoch": max(1, math.ceil(n / spec.scaling.workers / spec.optim.batch_size))}
+        config["stream"] = StreamInfo(classes, preset.channels, max(1, math.ceil(n / spec.scaling.workers / spec.optim.batch_size)))
     s = spec.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.gpu:
-        resources["GPU"] = 1
+        resources.setdefault("GPU", 1)  # a fraction from resources_per_worker packs workers on one GPU (tune)
     run_config = RunConfig(
         name=spec.output.name,
         storage_path=storage_path(spec),

@@ -6,7 +6,7 @@ image to a model input: training appends it after augmentation, evaluation and s
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torchvision.transforms import v2
@@ -106,3 +106,62 @@ def train_transform(preset: EvalPreset, augment: Sequence[AugmentOp]) -> v2.Comp
         *_compose(augment, preset.image_size),
         *_finish(preset),
     ])
+
+
+# --------------------------------------------------------------------------- batched (device-resident) path
+
+
+def preprocess_all(preset: EvalPreset, images: torch.Tensor) -> torch.Tensor:
+    """Apply the preset's deterministic preprocessing to every uint8 image once (batched pipeline)."""
+    ops = _compose(preset.preprocess, preset.image_size)
+    if not ops:
+        return images
+    tf = v2.Compose(ops)
+    return torch.stack([tf(im) for im in images])
+
+
+def normalize_batch(preset: EvalPreset, images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B,C,H,W) -> float, exactly the eval preset's scale and normalise, on the batch's device.
+    The images must already be resized and preprocessed (``preprocess_all``)."""
+    mean = torch.tensor(preset.mean, device=images.device).view(1, -1, 1, 1)
+    std = torch.tensor(preset.std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
+
+class BatchFlipCrop:
+    """``flip_crop`` on whole float batches on their device: reflect-pad, one random crop offset
+    and one coin flip per image. Per-pixel normalisation commutes with both, so the result matches
+    the per-sample op applied before normalising."""
+
+    def __init__(self, padding: int, flip: bool, generator: torch.Generator | None = None):
+        self.padding = padding
+        self.flip = flip
+        self.generator = generator
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        dev = x.device
+        if self.padding:
+            p = self.padding
+            xp = torch.nn.functional.pad(x, (p, p, p, p), mode="reflect")
+            dy = torch.randint(0, 2 * p + 1, (b,), generator=self.generator).to(dev)
+            dx = torch.randint(0, 2 * p + 1, (b,), generator=self.generator).to(dev)
+            rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+            cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+            x = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None], rows, cols]
+        if self.flip:
+            mask = (torch.rand(b, generator=self.generator) < 0.5).to(dev)
+            x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+        return x
+
+
+def batch_augment(augment: Sequence[AugmentOp], generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The batched form of a policy made only of ``none`` and ``flip_crop`` ops (the spec checks that)."""
+    steps = [BatchFlipCrop(op.padding, op.flip, generator) for op in augment if op.op == "flip_crop"]
+
+    def apply(x: torch.Tensor) -> torch.Tensor:
+        for step in steps:
+            x = step(x)
+        return x
+
+    return apply
