@@ -392,6 +392,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as exc:
         raise SpecError(str(path), [f"cannot read spec: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(str(path), [f"not UTF-8 text (byte {exc.start}): a spec is a YAML file"]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
