@@ -1,18 +1,339 @@
-"""`visionray models` and `visionray keys`: the signed model registry (issue 4)."""
+"""`visionray models` and `visionray keys`: the signed model registry (issue 4).
+
+Verification failures of `models verify` exit 1; bad input (unknown model, bad reference, missing
+key file) exits 2; both print what failed and how to fix it, never a traceback.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
 
 import typer
+from rich.table import Table
 
-from visionray.cli_common import err
+from visionray.cli_common import console, fail, fmt, user_errors
+
+models_app = typer.Typer(no_args_is_help=True, help="The signed model registry: list, show, register, promote, "
+                                                    "verify and export model versions.")
+keys_app = typer.Typer(no_args_is_help=True, help="Signing keys for the model registry.")
+
+RegistryOption = typer.Option(None, "--registry", "-r", help="registry root: a path or s3://, gs://, file:// URI "
+                                                              "(default $VISIONRAY_REGISTRY, else ./registry)")
+PublicKeyOption = typer.Option([], "--public-key", "-k", help="trusted PEM public key (repeatable; default "
+                                                              "$VISIONRAY_VERIFY_KEYS, os.pathsep-separated)")
+JsonOption = typer.Option(False, "--json", help="print JSON for machines")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the ``visionray`` app."""
+    app.add_typer(models_app, name="models")
+    app.add_typer(keys_app, name="keys")
+
+
+@contextmanager
+def registry_errors() -> Iterator[None]:
+    """``user_errors`` (RegistryError is a CheckpointError): clean message, exit 2."""
+    with user_errors():
+        yield
+
+
+def _keys(public_key: list[Path]) -> list[str] | None:
+    return [str(p) for p in public_key] or None  # None: $VISIONRAY_VERIFY_KEYS
+
+
+def _registry(root: Optional[str]):
+    from visionray.registry import Registry
+
+    return Registry(root)
+
+
+def _row(mv: Any) -> dict[str, Any]:
+    """The JSON summary of a version."""
+    from visionray.registry import iter_metrics
+
+    meta = mv.metadata
+    reg = meta.get("registry", {})
+    lineage = meta.get("lineage", {})
+    return {
+        "name": mv.name, "version": mv.version, "aliases": list(mv.aliases), "uri": mv.uri,
+        "metrics": dict(iter_metrics(meta)), "architecture": meta.get("model", {}),
+        "classes": meta.get("classes"), "input_shape": meta.get("input_shape"),
+        "registered": reg.get("registered"), "signer": reg.get("signer"),
+        "lineage": lineage,
+    }
+
+
+def _source(lineage: dict[str, Any]) -> str:
+    if lineage.get("experiment"):
+        trial = lineage.get("trial_id") or lineage.get("trial")
+        return f"tune {lineage['experiment']}" + (f" / {trial}" if trial else "")
+    if lineage.get("job"):
+        return f"train {lineage['job']}"
+    return Path(str(lineage.get("source_checkpoint", "-"))).name
+
+
+# --------------------------------------------------------------------------- models
+
+
+@models_app.command("list")
+def list_(
+    name: Optional[str] = typer.Argument(None, help="only this model"),
+    registry: Optional[str] = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Every model version with its aliases and metrics (metadata as stored; `verify` checks it)."""
+    with registry_errors():
+        reg = _registry(registry)
+        versions = reg.list(name)
+    if as_json:
+        print(json.dumps({"registry": reg.uri, "versions": [_row(v) for v in versions]}))
+        return
+    if not versions:
+        console.print(f"no models in {reg.uri}" + (f" named {name!r}" if name else "")
+                      + "; add one with `visionray models register CHECKPOINT --name NAME`")
+        return
+    table = Table(title=f"models in {reg.uri}")
+    for col, just in (("model", "left"), ("ver", "right"), ("aliases", "left"), ("val acc", "right"),
+                      ("val loss", "right"), ("architecture", "left"), ("source", "left"),
+                      ("registered (UTC)", "left"), ("signed", "left")):
+        table.add_column(col, justify=just, overflow="fold")
+    for mv in versions:
+        meta = mv.metadata
+        m = meta.get("metrics") or {}
+        arch = meta.get("model", {})
+        args = ",".join(f"{k}={v}" for k, v in (arch.get("kwargs") or {}).items())
+        table.add_row(
+            mv.name, f"v{mv.version}", ", ".join(mv.aliases) or "-", fmt(m.get("val_acc")), fmt(m.get("val_loss")),
+            f"{arch.get('name', '?')}({args})", _source(meta.get("lineage", {})),
+            str(meta.get("registry", {}).get("registered", "-")).replace("T", " ").rstrip("Z")[:16],
+            "yes" if mv.signed else "[red]NO[/]",
+        )
+    console.print(table)
+
+
+@models_app.command()
+def show(
+    ref: str = typer.Argument(..., help="NAME (latest), NAME@ALIAS, NAME@3 or NAME@v3"),
+    registry: Optional[str] = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """One version's metadata: architecture, classes, eval preset, metrics, lineage, versions."""
+    with registry_errors():
+        mv = _registry(registry).resolve(ref)
+    meta = mv.metadata
+    if as_json:
+        print(json.dumps({**_row(mv), "metadata": meta}))
+        return
+    reg = meta.get("registry", {})
+    table = Table(show_header=False, title=f"{mv.name} v{mv.version}")
+    arch = meta.get("model", {})
+    rows = [
+        ("uri", mv.uri),
+        ("aliases", ", ".join(mv.aliases) or "-"),
+        ("architecture", f"{arch.get('name')} {json.dumps(arch.get('kwargs', {}))}"),
+        ("input shape", "x".join(map(str, meta.get("input_shape", []))) or "-"),
+        ("classes", f"{len(meta.get('classes', []))}: {', '.join(map(str, meta.get('classes', [])[:20]))}"
+                    + (" ..." if len(meta.get("classes", [])) > 20 else "")),
+        ("eval preset", json.dumps(meta.get("eval_preset", {}))),
+        ("metrics", ", ".join(f"{k}={fmt(v)}" for k, v in (meta.get("metrics") or {}).items()) or "-"),
+        ("epoch", str(meta.get("epoch", "-"))),
+        *((f"lineage.{k}", str(v)) for k, v in meta.get("lineage", {}).items() if not isinstance(v, dict)),
+        ("trained with", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())),
+        ("created", str(meta.get("created", "-"))),
+        ("registered", str(reg.get("registered", "-"))),
+        ("signer", str(reg.get("signer") or "UNSIGNED")),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    console.print(table)
+
+
+@models_app.command("register")
+def register_(
+    checkpoint: str = typer.Argument(..., help="a checkpoint directory, a run directory (its best checkpoint), "
+                                                "or a checkpoint URI"),
+    name: str = typer.Option(..., "--name", "-n", help="model name (lowercase letters, digits, _ . -)"),
+    alias: Optional[str] = typer.Option(None, "--alias", "-a", help="alias to move to the new version, e.g. best"),
+    key: Optional[Path] = typer.Option(None, "--key", help="PEM private signing key (default $VISIONRAY_SIGNING_KEY)"),
+    registry: Optional[str] = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Register a training checkpoint as the next version of NAME, signed."""
+    with registry_errors():
+        mv = _registry(registry).register(checkpoint, name, alias=alias, private_key=key, lineage={})
+    if as_json:
+        print(json.dumps(_row(mv)))
+        return
+    _registered_line(mv)
+
+
+def _registered_line(mv: Any) -> None:
+    acc = (mv.metadata.get("metrics") or {}).get("val_acc")
+    console.print(f"[green]registered[/] {mv.name} v{mv.version}"
+                  + (f" ({', '.join(mv.aliases)})" if mv.aliases else "")
+                  + (f" val acc {acc:.4f}" if isinstance(acc, float) else "")
+                  + ("" if mv.signed else " [red]UNSIGNED[/]") + f" -> {mv.uri}")
+
+
+@models_app.command()
+def promote(
+    ref: str = typer.Argument(..., help="the version to point at: NAME@3, NAME@v3 or NAME@ALIAS"),
+    alias: str = typer.Argument(..., help="alias to move, e.g. production"),
+    registry: Optional[str] = RegistryOption,
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="verify the version before pointing at it"),
+    public_key: list[Path] = PublicKeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Move ALIAS to a version (atomically: readers see the old or the new version)."""
+    from visionray.registry import VerificationError, check_alias
+
+    with registry_errors():
+        check_alias(alias)
+        reg = _registry(registry)
+        mv = reg.resolve(ref)
+        if verify:
+            try:
+                reg.verify(mv.ref, _keys(public_key))
+            except VerificationError as exc:
+                fail([str(exc)], f"not promoting {mv.ref}: verification failed", code=1)
+        reg.promote(mv.name, mv.version, alias)
+    if as_json:
+        print(json.dumps({"name": mv.name, "alias": alias, "version": mv.version}))
+        return
+    console.print(f"[green]{mv.name}@{alias}[/] -> v{mv.version}")
+
+
+@models_app.command("verify")
+def verify_(
+    ref: str = typer.Argument(..., help="NAME, NAME@ALIAS, NAME@3, or an exported model directory"),
+    public_key: list[Path] = PublicKeyOption,
+    registry: Optional[str] = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Check every file against the signature and the trusted keys (exit 1 when it fails)."""
+    from visionray.registry import VerificationError, is_model_dir, verify_dir
+
+    with registry_errors():
+        try:
+            if Path(ref).is_dir() and is_model_dir(ref):
+                meta = verify_dir(ref, _keys(public_key), allow_unsigned=False)
+                label, signer = ref, meta.get("registry", {}).get("signer")
+            else:
+                mv = _registry(registry).verify(ref, _keys(public_key))
+                label, signer = mv.ref, mv.metadata.get("registry", {}).get("signer")
+        except VerificationError as exc:
+            if as_json:
+                print(json.dumps({"ref": ref, "verified": False, "error": str(exc)}))
+                raise typer.Exit(1) from None
+            fail([str(exc)], f"{ref}: verification FAILED", code=1)
+    if as_json:
+        print(json.dumps({"ref": label, "verified": True, "signer": signer}))
+        return
+    console.print(f"[green]verified[/] {label}: every file matches its signature (signer {signer})")
+
+
+@models_app.command()
+def export(
+    ref: str = typer.Argument(..., help="NAME, NAME@ALIAS or NAME@3"),
+    dest: Path = typer.Argument(..., help="new directory to write (weights, metadata, signature)"),
+    public_key: list[Path] = PublicKeyOption,
+    registry: Optional[str] = RegistryOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Copy a verified version, signature included, to a directory (verifiable with `models verify DIR`)."""
+    with registry_errors():
+        reg = _registry(registry)
+        mv = reg.resolve(ref)
+        out = reg.export(mv.ref, dest, public_keys=_keys(public_key))
+    if as_json:
+        print(json.dumps({"ref": mv.ref, "path": str(out)}))
+        return
+    console.print(f"[green]exported[/] {mv.ref} -> {out}")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+@keys_app.command()
+def generate(
+    prefix: Path = typer.Argument(Path("visionray-signing"), help="writes PREFIX.key (private, 0600) and PREFIX.pub"),
+    force: bool = typer.Option(False, "--force", help="replace an existing pair"),
+    as_json: bool = JsonOption,
+) -> None:
+    """Create an EC P-256 signing key pair for the model registry."""
+    from visionray.registry import generate_keys, key_fingerprint, public_key_of
+
+    with registry_errors():
+        private, public = generate_keys(prefix, overwrite=force)
+        fingerprint = key_fingerprint(public_key_of(private))
+    if as_json:
+        print(json.dumps({"private_key": str(private), "public_key": str(public), "fingerprint": fingerprint}))
+        return
+    console.print(f"[green]private key[/] {private} (mode 0600: keep it secret; sign with --key or "
+                  f"VISIONRAY_SIGNING_KEY={private})")
+    console.print(f"[green]public key[/]  {public} (give it to whatever loads models: --public-key or "
+                  f"VISIONRAY_VERIFY_KEYS={public})")
+    console.print(f"fingerprint {fingerprint}")
+
+
+# --------------------------------------------------------------------------- used by train, tune, evaluate
 
 
 def register_after_run(registration: Any, checkpoint_dir: Any, lineage: dict[str, Any]) -> None:
     """Register a finished run's best checkpoint when its spec asks (``register:``)."""
-    err.print("[yellow]register:[/] the model registry is not built yet; nothing registered")
+    from visionray.registry import Registry
+
+    with user_errors():
+        try:
+            mv = Registry(registration.registry).register(
+                checkpoint_dir, registration.name, alias=registration.alias,
+                private_key=registration.signing_key, lineage=lineage,
+            )
+        except ValueError as exc:
+            fail([str(exc), f"the checkpoint is kept: register it later with `visionray models register "
+                            f"{checkpoint_dir} --name {registration.name}`"], "registration failed")
+    _registered_line(mv)
+
+
+def check_registration(registration: Any) -> None:
+    """Before a long run: fail now if its registration could not sign (no key, bad key)."""
+    from visionray.registry import Registry, allow_unsigned, public_key_of, signing_key_path
+
+    with user_errors():
+        key = registration.signing_key or signing_key_path()
+        if key is None and not allow_unsigned():
+            fail([f"register.name={registration.name!r} needs a signing key: set register.signing_key, or "
+                  "VISIONRAY_SIGNING_KEY (create one with `visionray keys generate`)"], "registration would fail")
+        if key is not None:
+            public_key_of(Path(key).expanduser())
+        Registry(registration.registry)  # the registry URI resolves
+
+
+def load_for_cli(target: str | Path, registry: Optional[str] = None, public_key: list[Path] | None = None):
+    """What ``visionray evaluate`` (and other commands) load: returns ``(model, meta, label)``.
+
+    - NAME@ALIAS, NAME@3: a registry reference, verified then loaded;
+    - an existing model directory (registry version or export): verified, then loaded;
+    - another existing path: a training checkpoint or run directory (its best checkpoint);
+    - anything else: a registry reference NAME (its latest version), verified then loaded.
+    """
+    from visionray.checkpoint import load_model
+    from visionray.registry import Registry, is_model_dir, load_dir
+    from visionray.train import best_checkpoint
+
+    keys = _keys(list(public_key or []))
+    path = Path(target)
+    if "@" not in str(target) and path.exists():
+        if path.is_dir() and is_model_dir(path):
+            model, meta = load_dir(path, keys)
+            return model, meta, str(path)
+        best = best_checkpoint(path)
+        model, meta = load_model(best)
+        return model, meta, str(best)
+    reg = Registry(registry)
+    mv = reg.resolve(str(target))
+    model, meta = reg.load(mv.ref, keys)
+    return model, meta, mv.ref

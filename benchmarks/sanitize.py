@@ -1,0 +1,96 @@
+"""Sanitizer cost: time per image of the serving sanitizer (type and magic-byte checks, container
+walk, header limits, Pillow restricted to the allowlisted format, EXIF transpose, mode
+conversion) plus the eval preset, against a bare Pillow decode plus the same eval preset, on the
+same images, side by side in one process. Goal: sanitizer / bare <= 1.2.
+
+    python benchmarks/sanitize.py [--repeat 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+HERE = Path(__file__).resolve().parent
+
+
+def sample_images() -> dict[str, tuple[str, bytes]]:
+    """Photographic-like test images (smooth gradients plus noise) in each allowlisted format."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for side in (32, 224, 640):
+        y, x = np.mgrid[0:side, 0:side]
+        rgb = np.stack([x * 255 // side, y * 255 // side, (x + y) * 127 // side], -1) + rng.integers(0, 40, (side, side, 3))
+        im = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+        for fmt, ct in (("PNG", "image/png"), ("JPEG", "image/jpeg"), ("WEBP", "image/webp")):
+            buf = io.BytesIO()
+            im.save(buf, fmt, quality=90) if fmt != "PNG" else im.save(buf, fmt)
+            out[f"{fmt.lower()} {side}x{side}"] = (ct, buf.getvalue())
+    return out
+
+
+def time_per_image(fn, repeat: int) -> float:
+    fn()  # warm
+    samples = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=200)
+    parser.add_argument("--out", default=str(HERE / "results" / "sanitize.json"))
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from visionray.checkpoint import versions
+    from visionray.serve.config import SanitizerSpec
+    from visionray.serve.sanitize import check_type, configure_pillow, decode_image
+    from visionray.specs import EvalPreset
+    from visionray.transforms import eval_transform
+
+    torch.set_num_threads(1)
+    spec = SanitizerSpec()
+    configure_pillow(spec)
+    tf = eval_transform(EvalPreset(image_size=32, channels=3, mean=[0.5] * 3, std=[0.25] * 3))
+
+    def sanitized(ct: str, data: bytes):
+        return tf(torch.from_numpy(decode_image(data, check_type(ct, data, spec), 3, spec)))
+
+    def bare(data: bytes):
+        with Image.open(io.BytesIO(data)) as im:
+            array = np.asarray(im.convert("RGB")).transpose(2, 0, 1)
+        return tf(torch.from_numpy(np.ascontiguousarray(array)))
+
+    rows = []
+    for name, (ct, data) in sample_images().items():
+        assert torch.equal(sanitized(ct, data), bare(data)), name  # same pixels, same tensor
+        t_san = time_per_image(lambda: sanitized(ct, data), args.repeat)
+        t_bare = time_per_image(lambda: bare(data), args.repeat)
+        rows.append({"image": name, "bytes": len(data), "sanitized_ms": t_san * 1e3, "bare_ms": t_bare * 1e3, "ratio": t_san / t_bare})
+    table = Table(title=f"sanitizer vs bare Pillow decode + eval preset, median of {args.repeat}, 1 thread")
+    for col in ("image", "bytes", "sanitized ms", "bare ms", "ratio (goal <= 1.2)"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(r["image"], str(r["bytes"]), f"{r['sanitized_ms']:.3f}", f"{r['bare_ms']:.3f}", f"{r['ratio']:.2f}")
+    Console().print(table)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"device": f"CPU x{os.cpu_count()}", "versions": versions(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
