@@ -2,12 +2,174 @@
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
+from rich.table import Table
 
-from visionray.cli_common import err
+from visionray.cli_common import PROJECT_DIR, AddressOption, console, fail, fmt, user_errors
+
+DEFAULT_CONFIG = PROJECT_DIR / "serve" / "classifier.yaml"
+DEFAULT_URL = "http://127.0.0.1:8000"
+ApiKeyOption = typer.Option(None, "--api-key", envvar="VISIONRAY_API_KEY", help="API key (default: $VISIONRAY_API_KEY)")
+
+
+def _visionray_app(raw: dict[str, Any]) -> dict[str, Any]:
+    from visionray.serve.config import IMPORT_PATH
+
+    return next(a for a in raw["applications"] if a.get("import_path") == IMPORT_PATH)
+
+
+def _deploy_failure(app_name: str) -> list[str]:
+    """What Serve says went wrong with each deployment of ``app_name`` (the replica's exception)."""
+    from ray import serve
+
+    status = serve.status().applications.get(app_name)
+    if status is None:
+        return [f"application {app_name!r} is not on the cluster"]
+    lines = [f"application {app_name}: {status.status}"]
+    for name, dep in status.deployments.items():
+        if dep.message:
+            # the replica's traceback ends with the exception's message: keep that, not the stack
+            last = [ln for ln in dep.message.strip().splitlines() if ln.strip()]
+            lines.append(f"{name}: {last[-1] if last else dep.status}")
+    return lines
+
+
+def serve_command(
+    config: Path = typer.Argument(DEFAULT_CONFIG, metavar="[CONFIG]", help="Serve config (serve/*.yaml); default serve/classifier.yaml"),
+    model: Optional[str] = typer.Option(None, "--model", help="registry model NAME@ALIAS or NAME@VERSION (overrides args.model)"),
+    address: Optional[str] = AddressOption,
+    host: Optional[str] = typer.Option(None, "--host", help="HTTP bind address (overrides http_options.host)"),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535, help="HTTP port (overrides http_options.port)"),
+    detach: bool = typer.Option(False, "--detach", help="deploy and return; the app keeps running on the cluster"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's and Serve's output"),
+) -> None:
+    """Serve a registered model over HTTP with Ray Serve (autoscaling, sanitized input), until Ctrl-C."""
+    from visionray.serve.config import load_serve_spec, read_serve_config
+
+    with user_errors():
+        raw = read_serve_config(config)
+        app_cfg = dict(_visionray_app(raw))
+        args = dict(app_cfg.get("args") or {})
+        if model is not None:
+            args.pop("checkpoint", None)
+            args["model"] = model
+        load_serve_spec(args, f"{config}: args (with --model)" if model else f"{config}: args")
+    http = dict(raw.get("http_options") or {})
+    if host is not None:
+        http["host"] = host
+    if port is not None:
+        http["port"] = port
+    name = app_cfg.get("name", "default")
+    prefix = app_cfg.get("route_prefix", "/")
+
+    from ray import serve
+
+    from visionray.serve.app import build_app
+    from visionray.train import init_ray
+
+    with user_errors():
+        application = build_app(args)  # resolves the alias: a missing model fails here, before Ray starts
+    init_ray(address, verbose)
+    serve.start(http_options=http, proxy_location=raw.get("proxy_location", "HeadOnly"))
+    console.print(f"[bold]visionray serve[/] {args.get('model') or args.get('checkpoint')} as application {name!r} ...")
+    start = time.time()
+    try:
+        serve.run(application, name=name, route_prefix=prefix)
+    except RuntimeError as exc:
+        lines = _deploy_failure(name)
+        serve.delete(name)
+        fail(lines if len(lines) > 1 else [str(exc), *lines], "deploy failed (the app was removed)", code=1)
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix.rstrip('/')}"
+    console.print(f"[green]ready[/] in {time.time() - start:.0f} s: {url}/v1/classify  (API docs {url}/docs, "
+                  f"health {url}/healthz, {url}/readyz)")
+    if detach:
+        console.print(f"detached; stop it with `serve delete {name}` or `serve shutdown`")
+        return
+    console.print("Ctrl-C stops it")
+    try:
+        while True:
+            time.sleep(1.0)
+    except KeyboardInterrupt:
+        console.print("stopping (draining requests) ...")
+        serve.delete(name)
+        console.print("stopped")
+
+
+def predict_command(
+    images: list[Path] = typer.Argument(..., help="PNG, JPEG or WebP files (several go in one multipart request)"),
+    url: str = typer.Option(os.environ.get("VISIONRAY_URL", DEFAULT_URL), "--url", help="server URL (default $VISIONRAY_URL or http://127.0.0.1:8000)"),
+    top_k: int = typer.Option(5, "--top-k", min=1, help="labels per image"),
+    api_key: Optional[str] = ApiKeyOption,
+    as_json: bool = typer.Option(False, "--json", help="print the server's JSON"),
+) -> None:
+    """Classify images with a running `visionray serve` (retries while it answers 503)."""
+    import httpx
+
+    from visionray.serve.client import Client, ServeError
+
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        fail([f"{p}: no such file" for p in missing])
+    try:
+        with Client(url, api_key=api_key) as client:
+            result = client.classify(list(images), top_k=top_k)
+    except ValueError as exc:
+        fail(str(exc))
+    except ServeError as exc:
+        fail(str(exc), "the server refused", code=1)
+    except httpx.HTTPError as exc:
+        fail(f"{url}: {type(exc).__name__}: {exc}", "cannot reach the server", code=1)
+    if as_json:
+        print(json.dumps(result))
+        return
+    m = result["model"]
+    table = Table(title=f"{m['name']} v{m['version']}  (request {result['request_id']})")
+    for col in ("image", "rank", "label", "probability"):
+        table.add_column(col, justify="right" if col != "image" else "left")
+    for res, path in zip(result["results"], images):
+        for rank, lab in enumerate(res["top_k"], 1):
+            table.add_row(str(path) if rank == 1 else "", str(rank), lab["label"], fmt(lab["probability"]))
+    console.print(table)
+
+
+def loadtest_command(
+    url: str = typer.Argument(..., help="server URL, e.g. http://127.0.0.1:8000"),
+    images: Path = typer.Option(..., "--images", help="directory of PNG/JPEG/WebP files to send"),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, max=1024, help="requests in flight"),
+    duration: float = typer.Option(10.0, "--duration", min=0.1, max=3600.0, help="seconds to run"),
+    max_requests: Optional[int] = typer.Option(None, "--max-requests", min=1, help="stop after this many requests"),
+    api_key: Optional[str] = ApiKeyOption,
+    as_json: bool = typer.Option(False, "--json", help="print JSON for machines"),
+) -> None:
+    """Send images as fast as CONCURRENCY clients can; print requests/s, p50/p95/p99 and errors by status."""
+    from visionray.serve.client import loadtest, read_images
+
+    try:
+        blobs = read_images(images)
+    except ValueError as exc:
+        fail(str(exc))
+    report = asyncio.run(loadtest(url, blobs, concurrency, duration, max_requests, api_key))
+    out = report.to_json()
+    if as_json:
+        print(json.dumps(out))
+        return
+    table = Table(title=f"loadtest {url}: {len(blobs)} image(s), concurrency {concurrency}", show_header=False)
+    for key in ("requests", "duration_s", "requests_per_s", "ok_per_s", "p50_ms", "p95_ms", "p99_ms"):
+        table.add_row(key, fmt(out[key], 2))
+    for status, count in out["by_status"].items():
+        table.add_row(f"status {status}", str(count))
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the ``visionray`` app."""
+    app.command("serve")(serve_command)
+    app.command("predict")(predict_command)
+    app.command("loadtest")(loadtest_command)

@@ -1,0 +1,119 @@
+"""The Ray Serve application: ``build_app(args)`` for ``serve run``/``serve deploy`` and ``visionray serve``.
+
+Two deployments, each autoscaled on its own:
+
+- ``Ingress``: the FastAPI app of ``visionray.serve.api`` behind ``SanitizerMiddleware`` (the
+  middleware lives on the ingress: Ray 2.60 has no ``HTTPOptions.middlewares``); it decodes images
+  and calls the classifier through a handle. When the classifier's queue is full
+  (``max_queued_requests``) the handle raises ``BackPressureError`` and the client gets 503 JSON with
+  Retry-After instead of waiting.
+- ``Classifier``: loads one pinned registry version (the alias is resolved once, when the app is
+  built, so every replica serves the same bytes), verifying its signature before reading weights;
+  the constructor raises when verification fails, so a tampered or unsigned model never deploys.
+  Inference is batched with ``@serve.batch`` (size and wait from the config), in
+  ``torch.inference_mode``, fp16 + channels_last on a GPU. Its health check fails without a model.
+
+Prometheus (Ray's metrics endpoint): Serve's own request, latency, queue and replica metrics, plus
+``visionray_serve_rejected_total{reason}`` and ``visionray_serve_images_total``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter
+
+from visionray.serve.api import make_api
+from visionray.serve.config import ServeSpec, load_serve_spec
+from visionray.serve.model import Label, Predictor, Source, load_source, pick_device, resolve_source
+from visionray.serve.sanitize import Rejection
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(name="Classifier")
+class Classifier:
+    def __init__(self, source: Source, spec: ServeSpec):
+        self.predictor: Predictor | None = None
+        device = pick_device(spec.device)
+        model, meta, name, version = load_source(source, device)  # raises VerificationError: no deploy
+        self.predictor = Predictor(model, meta, name, version, device)
+        self.infer.set_max_batch_size(spec.batch.max_batch_size)
+        self.infer.set_batch_wait_timeout_s(spec.batch.wait_s)
+        logger.info("serving %s v%s on %s", name, version, device)
+
+    def check_health(self) -> None:
+        if self.predictor is None:
+            raise RuntimeError("no model loaded")
+
+    def describe(self) -> dict[str, Any]:
+        self.check_health()
+        return self.predictor.info()
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # both set from the config in __init__
+    async def infer(self, images: list[np.ndarray], ks: list[int]) -> list[list[Label]]:
+        k = max(ks)
+        out = await asyncio.to_thread(self.predictor.predict, images, k)
+        return [labels[:want] for labels, want in zip(out, ks)]
+
+    def __del__(self) -> None:
+        self.predictor = None  # graceful shutdown: Serve drains requests first, then frees the model
+
+
+class HandleBackend:
+    """The classifier deployment seen from the ingress; overload becomes 503 JSON."""
+
+    def __init__(self, handle: DeploymentHandle, retry_after_s: int):
+        self.handle = handle
+        self.retry_after = {"Retry-After": str(max(1, retry_after_s))}
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except BackPressureError as exc:
+            raise Rejection(503, "overloaded", f"all model replicas are busy ({exc.message}); retry later", self.retry_after) from None
+        except DeploymentUnavailableError as exc:
+            raise Rejection(503, "model_unavailable", exc.message, self.retry_after) from None
+        except RayActorError:  # the replica died under this request; Serve replaces it
+            raise Rejection(503, "model_unavailable", "the model replica serving this request stopped; retry",
+                            self.retry_after) from None
+
+    async def info(self) -> dict[str, Any]:
+        return await self._call("describe")
+
+    async def classify(self, image: np.ndarray, k: int) -> list[Label]:
+        return await self._call("infer", image, k)
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    def __init__(self, classifier: DeploymentHandle, spec: ServeSpec):
+        self.spec = spec
+        self.backend = HandleBackend(classifier, spec.classifier.retry_after_s)
+        self.rejected = Counter("visionray_serve_rejected_total", description="requests refused, by reason",
+                                tag_keys=("reason",))
+        self.images = Counter("visionray_serve_images_total", description="images classified")
+
+    def _count_rejection(self, reason: str) -> None:
+        self.rejected.inc(tags={"reason": reason})
+
+    def __serve_build_asgi_app__(self):
+        return make_api(self.spec, self.backend, on_reject=self._count_rejection, on_images=self.images.inc,
+                        echo_request_id=False)  # Serve's proxy sets and echoes X-Request-ID
+
+
+def build_app(args: dict[str, Any]) -> serve.Application:
+    """The application for ``serve run``/``serve deploy`` (``import_path: visionray.serve.app:build_app``):
+    ``args`` is validated as a ``ServeSpec``; the model alias is pinned to its current version."""
+    spec = load_serve_spec(args)
+    source = resolve_source(spec)
+    classifier = Classifier.options(**spec.classifier.options()).bind(source, spec)
+    return Ingress.options(**spec.ingress.options()).bind(classifier, spec)

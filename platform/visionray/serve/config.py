@@ -1,0 +1,207 @@
+"""The serving spec: VisionRay's own section of a Ray Serve config file (``applications[].args``).
+
+A file under ``serve/`` is a plain Ray Serve config (``serve run``/``serve deploy`` read it as is);
+its application's ``import_path`` is ``visionray.serve.app:build_app`` and its ``args`` are a
+``ServeSpec``, validated once by ``build_app`` (and by ``visionray serve`` before it starts Ray).
+Every default and its unit is here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from visionray.specs import SpecError, Strict, read_yaml, validate_model
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+MODEL_REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_.-]{0,63})@(?P<tag>[a-z][a-z0-9_-]{0,31}|[1-9][0-9]{0,8})$")
+IMPORT_PATH = "visionray.serve.app:build_app"
+
+
+class SanitizerSpec(Strict):
+    """Limits applied to every request before (and while) any image is decoded."""
+
+    max_body_bytes: int = Field(8 * 2**20, ge=1024, le=2**30, description="request body cap while it streams in (bytes)")
+    body_timeout_s: float = Field(10.0, gt=0.0, le=600.0, description="time allowed to receive the whole body (s); 408 after")
+    max_images: int = Field(16, ge=1, le=256, description="images per multipart request")
+    allowed_types: list[Literal["image/png", "image/jpeg", "image/webp"]] = Field(
+        default_factory=lambda: list(IMAGE_TYPES), min_length=1, description="accepted image content types"
+    )
+    max_width: int = Field(4096, ge=8, le=65535, description="widest image accepted, read from the header (px)")
+    max_height: int = Field(4096, ge=8, le=65535, description="tallest image accepted, read from the header (px)")
+    max_pixels: int = Field(16 * 2**20, ge=64, le=2**31, description="width x height cap; also Pillow's MAX_IMAGE_PIXELS (px)")
+    decode_timeout_s: float = Field(2.0, gt=0.0, le=60.0, description="time budget to decode one image (s); 422 after")
+    decode_threads: int = Field(4, ge=1, le=64, description="threads per ingress replica that decode images")
+
+    @field_validator("allowed_types")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"allowed_types {v} lists a type twice")
+        return v
+
+
+class AuthSpec(Strict):
+    """Optional API keys: requests must send ``Authorization: Bearer KEY`` or ``X-API-Key: KEY``."""
+
+    api_keys_env: str | None = Field(None, pattern=r"^[A-Z_][A-Z0-9_]*$", description="environment variable holding comma-separated keys")
+    api_keys_file: str | None = Field(None, description="file with one key per line (# comments allowed)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys_env or self.api_keys_file)
+
+
+class RateLimitSpec(Strict):
+    """A token bucket per client (its API key, else its address), per ingress replica."""
+
+    requests_per_s: float | None = Field(None, gt=0.0, le=1e6, description="sustained rate per client (req/s); null: off")
+    burst: int = Field(20, ge=1, le=100_000, description="requests a client may send at once above the rate")
+    max_clients: int = Field(10_000, ge=1, le=10_000_000, description="clients tracked (least recently seen dropped)")
+
+
+class BatchSpec(Strict):
+    max_batch_size: int = Field(16, ge=1, le=4096, description="images per forward pass (serve.batch)")
+    wait_s: float = Field(0.01, ge=0.0, le=10.0, description="longest wait to fill a batch (s)")
+
+
+class DeploymentSpec(Strict):
+    """Replicas, autoscaling and overload behaviour of one Serve deployment."""
+
+    min_replicas: int = Field(1, ge=0, le=1024, description="autoscaling floor; 0 scales to zero when idle")
+    max_replicas: int = Field(4, ge=1, le=1024, description="autoscaling ceiling")
+    initial_replicas: int | None = Field(None, ge=0, le=1024, description="replicas at deploy time; default min_replicas")
+    target_ongoing_requests: float = Field(8.0, gt=0.0, le=10_000, description="requests per replica the autoscaler aims for")
+    upscale_delay_s: float = Field(3.0, ge=0.0, le=3600, description="load must stay high this long before scaling up (s)")
+    downscale_delay_s: float = Field(60.0, ge=0.0, le=3600, description="load must stay low this long before scaling down (s)")
+    metrics_interval_s: float = Field(1.0, gt=0.0, le=60, description="how often replicas report load to the autoscaler (s)")
+    look_back_period_s: float = Field(10.0, gt=0.0, le=600, description="window the autoscaler averages load over (s)")
+    max_ongoing_requests: int = Field(32, ge=1, le=100_000, description="requests one replica works on at once")
+    max_queued_requests: int = Field(64, ge=-1, le=1_000_000, description="requests waiting for a replica; beyond: 503 (-1: unbounded)")
+    retry_after_s: int = Field(1, ge=0, le=3600, description="Retry-After sent with 503 when overloaded (s)")
+    num_cpus: float = Field(1.0, ge=0.0, le=256, description="CPUs reserved per replica")
+    num_gpus: float = Field(0.0, ge=0.0, le=8, description="GPUs reserved per replica (fractions share a GPU)")
+    graceful_shutdown_wait_loop_s: float = Field(2.0, ge=0.0, le=600, description="poll interval while draining (s)")
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0.0, le=3600, description="drain time before a replica is killed (s)")
+    health_check_period_s: float = Field(10.0, gt=0.0, le=3600, description="time between health checks (s)")
+    health_check_timeout_s: float = Field(30.0, gt=0.0, le=3600, description="a health check slower than this fails (s)")
+    max_constructor_retries: int = Field(3, ge=1, le=100, description="failed replica starts before the deploy fails")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DeploymentSpec":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas={self.min_replicas} is above max_replicas={self.max_replicas}")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas={self.initial_replicas} must be within [min_replicas={self.min_replicas}, "
+                f"max_replicas={self.max_replicas}]"
+            )
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``."""
+        return {
+            "autoscaling_config": {
+                "min_replicas": self.min_replicas,
+                "max_replicas": self.max_replicas,
+                "initial_replicas": self.initial_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s,
+                "downscale_delay_s": self.downscale_delay_s,
+                "metrics_interval_s": self.metrics_interval_s,
+                "look_back_period_s": self.look_back_period_s,
+            },
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "max_queued_requests": self.max_queued_requests,
+            "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
+            "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout_s,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+            "max_constructor_retry_count": self.max_constructor_retries,
+        }
+
+
+def _ingress_default() -> DeploymentSpec:
+    return DeploymentSpec(min_replicas=1, max_replicas=2, target_ongoing_requests=32, max_ongoing_requests=128,
+                          max_queued_requests=256, num_cpus=0.5)
+
+
+class ServeSpec(Strict):
+    """What ``visionray.serve.app:build_app`` serves and how."""
+
+    model: str | None = Field(None, description="registry model reference NAME@ALIAS or NAME@VERSION, e.g. digits@best")
+    registry: str | None = Field(None, description="registry root; default $VISIONRAY_REGISTRY or ./registry")
+    public_keys: list[str] = Field(default_factory=list, description="PEM public keys that may have signed the model")
+    allow_unsigned: bool = Field(False, description="serve a model without a valid signature (development only)")
+    checkpoint: str | None = Field(None, description="a checkpoint directory instead of a registry model (needs allow_unsigned)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the replica has a GPU")
+    top_k: int = Field(5, ge=1, le=1000, description="labels returned per image unless the request asks (?top_k=)")
+    max_top_k: int = Field(20, ge=1, le=100_000, description="largest ?top_k= a request may ask for")
+    readiness_timeout_s: float = Field(5.0, gt=0.0, le=600, description="/readyz waits this long for the model (s)")
+    sanitizer: SanitizerSpec = Field(default_factory=SanitizerSpec)
+    auth: AuthSpec = Field(default_factory=AuthSpec)
+    rate_limit: RateLimitSpec = Field(default_factory=RateLimitSpec)
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+    classifier: DeploymentSpec = Field(default_factory=DeploymentSpec, description="the model replicas")
+    ingress: DeploymentSpec = Field(default_factory=_ingress_default, description="the HTTP ingress replicas (sanitizer, decoding)")
+
+    @field_validator("model")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        if v is not None and not MODEL_REF.match(v):
+            raise ValueError(f"model {v!r} is not NAME@ALIAS or NAME@VERSION (e.g. digits@best, digits@3)")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeSpec":
+        if (self.model is None) == (self.checkpoint is None):
+            raise ValueError("give exactly one of model (a registry NAME@ALIAS) or checkpoint (a directory)"
+                             f"; got model={self.model!r}, checkpoint={self.checkpoint!r}")
+        if self.checkpoint is not None and not self.allow_unsigned:
+            raise ValueError(f"checkpoint={self.checkpoint!r} is not signed; serve it from the registry, "
+                             "or set allow_unsigned: true (development only)")
+        if self.top_k > self.max_top_k:
+            raise ValueError(f"top_k={self.top_k} is above max_top_k={self.max_top_k}")
+        if self.classifier.max_ongoing_requests < self.batch.max_batch_size:
+            raise ValueError(
+                f"classifier.max_ongoing_requests={self.classifier.max_ongoing_requests} is below "
+                f"batch.max_batch_size={self.batch.max_batch_size}: batches could never fill"
+            )
+        return self
+
+
+def load_serve_spec(args: dict[str, Any] | ServeSpec, source: str = "serve args") -> ServeSpec:
+    """Validate an application's ``args`` (raises ``SpecError`` naming each bad field)."""
+    if isinstance(args, ServeSpec):
+        return args
+    if not isinstance(args, dict):
+        raise SpecError(source, [f"args must be a mapping, got {type(args).__name__}"])
+    return validate_model(ServeSpec, args, source)
+
+
+def read_serve_config(path: str | Path) -> dict[str, Any]:
+    """A Serve config file, checked: Ray Serve's own schema for the file, ``ServeSpec`` for the
+    args of each VisionRay application. Returns the raw mapping (what ``serve deploy`` reads)."""
+    from pydantic import ValidationError
+    from ray.serve.schema import ServeDeploySchema
+
+    from visionray.specs import format_errors
+
+    path = Path(path)
+    raw = read_yaml(path)
+    try:
+        ServeDeploySchema.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(str(path), format_errors(exc)) from None
+    apps = [a for a in raw.get("applications", []) if a.get("import_path") == IMPORT_PATH]
+    if not apps:
+        raise SpecError(str(path), [f"applications: none has import_path {IMPORT_PATH!r}"])
+    for i, app in enumerate(raw["applications"]):
+        if app.get("import_path") == IMPORT_PATH:
+            load_serve_spec(app.get("args") or {}, f"{path}: applications.{i}.args")
+    return raw

@@ -1,0 +1,133 @@
+"""The served model: loaded (signature verified first) and run on batches of decoded images.
+
+``Predictor`` is the inference path of a classifier replica and of in-process tests alike: the
+checkpoint's own eval preset (``visionray.transforms.eval_transform``, the code training used) makes
+the tensors; on a GPU the model runs in half precision and channels_last.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from visionray.checkpoint import eval_preset
+from visionray.serve.config import ServeSpec
+from visionray.transforms import eval_transform
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a replica loads its model from, resolved once when the app is built so every replica
+    loads the same bytes: a pinned registry version (``name@N``), or a checkpoint directory."""
+
+    ref: str | None
+    registry: str | None
+    checkpoint: str | None
+    public_keys: tuple[str, ...]
+    allow_unsigned: bool
+
+
+def resolve_source(spec: ServeSpec) -> Source:
+    """Pin the alias to its current version and make every path absolute (replicas run elsewhere).
+    Keys and the unsigned switch fall back to $VISIONRAY_VERIFY_KEYS / $VISIONRAY_ALLOW_UNSIGNED
+    read here, where the app is built."""
+    from visionray import registry as reg
+
+    keys = tuple(str(Path(k).expanduser().resolve()) for k in (spec.public_keys or reg.verify_key_paths()))
+    unsigned = spec.allow_unsigned or reg.allow_unsigned()
+    if spec.checkpoint is not None:
+        return Source(None, None, str(Path(spec.checkpoint).expanduser().resolve()), keys, unsigned)
+    root = spec.registry or reg.default_registry_root()
+    if "://" not in root:
+        root = str(Path(root).expanduser().resolve())
+    mv = reg.Registry(root).resolve(spec.model)
+    return Source(f"{mv.name}@{mv.version}", root, None, keys, unsigned)
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device: cuda, but this replica has no GPU (set classifier.num_gpus: 1, or device: auto)")
+    if setting == "cuda" or (setting == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_source(source: Source, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], str, int | None]:
+    """(model, metadata, name, version). A registry model is verified against the keys before its
+    weights are read; ``VerificationError`` when it is unsigned, tampered or signed by another key."""
+    if source.checkpoint is not None:
+        from visionray.checkpoint import load_model
+
+        assert source.allow_unsigned, "ServeSpec requires allow_unsigned for checkpoint directories"
+        logger.warning("serving UNSIGNED checkpoint %s (allow_unsigned: development only)", source.checkpoint)
+        model, meta = load_model(source.checkpoint, device=device)
+        return model, meta, meta.get("spec", {}).get("output", {}).get("name", Path(source.checkpoint).name), None
+    from visionray.registry import Registry
+
+    model, meta = Registry(source.registry).load(
+        source.ref, public_keys=list(source.public_keys), allow_unsigned=source.allow_unsigned, device=str(device),
+    )
+    return model, meta, meta["registry"]["name"], int(meta["registry"]["version"])
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str
+    index: int
+    probability: float
+
+
+class Predictor:
+    """A model, its eval preset and its device; ``predict`` classifies decoded uint8 (C, H, W) arrays."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], name: str, version: int | None,
+                 device: torch.device):
+        self.meta = meta
+        self.name = name
+        self.version = version
+        self.device = device
+        self.preset = eval_preset(meta)
+        self.transform = eval_transform(self.preset)
+        self.classes: list[str] = list(meta["classes"])
+        self.half = device.type == "cuda"
+        model = model.to(device).eval()
+        if self.half:
+            model = model.half().to(memory_format=torch.channels_last)
+        self.model = model
+
+    def info(self) -> dict[str, Any]:
+        m = self.meta["model"]
+        return {
+            "name": self.name,
+            "version": self.version,
+            "architecture": m["name"],
+            "classes": self.classes,
+            "input": {"channels": self.preset.channels, "image_size": self.preset.image_size},
+            "eval_preset": self.preset.model_dump(mode="json"),
+            "metrics": self.meta.get("metrics", {}),
+            "device": str(self.device),
+            "precision": "fp16" if self.half else "fp32",
+        }
+
+    @torch.inference_mode()
+    def predict(self, images: list[np.ndarray], k: int) -> list[list[Label]]:
+        """Top-``k`` labels per image, most probable first."""
+        c = self.preset.channels
+        for a in images:
+            assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[0] == c, f"expected uint8 ({c}, H, W), got {a.dtype} {a.shape}"
+        x = torch.stack([self.transform(torch.from_numpy(a)) for a in images]).to(self.device, non_blocking=True)
+        if self.half:
+            x = x.half().contiguous(memory_format=torch.channels_last)
+        probs = self.model(x).float().softmax(1).cpu()
+        top = probs.topk(min(k, len(self.classes)), dim=1)
+        return [
+            [Label(self.classes[i], i, p) for p, i in zip(row_p.tolist(), row_i.tolist())]
+            for row_p, row_i in zip(top.values, top.indices)
+        ]
