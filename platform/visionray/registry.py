@@ -23,6 +23,8 @@ Nothing is ever unpickled, and a pickle file inside a version refuses the whole 
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -92,6 +94,29 @@ class ModelVersion:
         return bool(self.metadata.get("registry", {}).get("signer"))
 
 
+_STORAGE_REASONS = {  # errno -> what it means for a registry write
+    errno.ENOSPC: "the storage is full (no space left on device)",
+    errno.EDQUOT: "the storage quota is exhausted",
+    errno.EROFS: "the storage is read-only",
+    errno.EACCES: "the storage is not writable (permission denied)",
+    errno.EPERM: "the storage is not writable (operation not permitted: an immutable or protected path?)",
+    errno.ENOTDIR: "the storage is not writable (a path in it is a file where a directory is expected)",
+    errno.EEXIST: "the storage is not writable (a file is in the way of a directory)",
+    errno.EISDIR: "the storage is not writable (a directory is in the way of a file)",
+    errno.EIO: "the storage reported an I/O error",
+}
+
+
+def _storage_error(exc: OSError, doing: str) -> RegistryError:
+    """A clean ``RegistryError`` for an ``OSError`` of a registry write: what failed, why, where."""
+    reason = _STORAGE_REASONS.get(exc.errno, "the storage is not writable")
+    path = exc.filename2 or exc.filename  # a copy's destination, else the one path
+    where = f" at {path}" if path else ""
+    detail = exc.strerror or str(exc) or type(exc).__name__
+    return RegistryError(f"{doing}: {reason}{where} ({detail}); free space or fix the storage's permissions, "
+                         "then try again")
+
+
 # --------------------------------------------------------------------------- environment
 
 
@@ -135,17 +160,24 @@ def generate_keys(prefix: str | Path, *, overwrite: bool = False) -> tuple[Path,
         for path in (private, public):
             if path.exists():
                 raise RegistryError(f"{path} exists; choose another prefix or pass --force to replace the pair")
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    if overwrite and private.exists():
-        private.unlink()
-    fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-    os.chmod(private, 0o600)  # in case a umask or an odd filesystem widened it
-    public.write_bytes(key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    written = False
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite and private.exists():
+            private.unlink()
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        written = True
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        os.chmod(private, 0o600)  # in case a umask or an odd filesystem widened it
+        public.write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    except OSError as exc:
+        if written:  # never leave half a pair (or a truncated private key) behind
+            private.unlink(missing_ok=True)
+        raise _storage_error(exc, f"cannot write the key pair {private} / {public}") from None
     return private, public
 
 
@@ -365,7 +397,11 @@ def load_dir(
         raise RegistryError(f"{directory}: not a model directory")
     with tempfile.TemporaryDirectory(prefix="visionray-verify-") as tmp:
         copy = Path(tmp) / "model"
-        shutil.copytree(directory, copy, symlinks=True)
+        try:
+            shutil.copytree(directory, copy, symlinks=True)
+        except OSError as exc:  # shutil.Error (files vanishing mid-copy) included
+            raise RegistryError(f"{label}: cannot read the model directory ({exc}); was it deleted or moved "
+                                "while loading?") from None
         meta = verify_dir(copy, public_keys, allow_unsigned=allow_unsigned, expect=expect, label=label)
         return _build(copy, meta, label, device), meta
 
@@ -490,8 +526,12 @@ class _Store:
             target = Path(self.path(*parts))
             target.parent.mkdir(parents=True, exist_ok=True)
             tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, target)
+            try:
+                tmp.write_text(text)
+                os.replace(tmp, target)
+            except OSError:
+                tmp.unlink(missing_ok=True)
+                raise
             return
         self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
         with self.fs.open_output_stream(self.path(*parts)) as fh:
@@ -521,6 +561,13 @@ class _Store:
             self.fs.delete_file(f"{claim_dir}/{token}")
             return False
         return True
+
+    def release(self, name: str, version: int) -> None:
+        """Give back the claim of a registration that failed before publishing (local stores; an
+        object store keeps the claim, so that version number is skipped)."""
+        if self.local:
+            with contextlib.suppress(OSError):
+                os.rmdir(self.path(name, ".claims", f"v{version}"))
 
     def claimed_versions(self, name: str) -> list[int]:
         return [int(m.group(1)) for n, _ in self.listdir(name, ".claims") if (m := _VERSION_DIR.match(n))]
@@ -625,17 +672,22 @@ class Registry:
         for alias, is_dir in self._store.listdir(name, "aliases"):
             if is_dir or not ALIAS_RE.match(alias):
                 continue  # temp files of a move in progress
-            text = self._store.read_text(name, "aliases", alias)
+            try:
+                text = self._store.read_text(name, "aliases", alias)
+            except (OSError, UnicodeDecodeError):
+                continue  # unreadable: not an alias (promote rewrites it)
             if text is not None and text.strip().isdigit():
                 out[alias] = int(text.strip())
         return dict(sorted(out.items()))
 
     def _version(self, name: str, version: int, aliases: dict[str, int]) -> ModelVersion:
-        text = self._store.read_text(name, f"v{version}", METADATA_FILE)
         try:
+            text = self._store.read_text(name, f"v{version}", METADATA_FILE)
             meta = json.loads(text) if text is not None else {}
-        except json.JSONDecodeError:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             meta = {}  # listed as is; `verify` and `load` say what is wrong
+        if not isinstance(meta, dict):
+            meta = {}
         return ModelVersion(
             name=name, version=version, uri=self._store.uri(name, f"v{version}"), metadata=meta,
             aliases=tuple(a for a, v in aliases.items() if v == version),
@@ -705,8 +757,11 @@ class Registry:
                         ENV_ALLOW_UNSIGNED, name)
         with _local_checkpoint(checkpoint_dir) as source:
             meta = ckpt.read_metadata(source)
-            staged = self._store.staging_dir(name)
+            if not (source / MODEL_FILE).is_file():
+                raise RegistryError(f"{source}: no {MODEL_FILE}; not a complete VisionRay checkpoint")
+            staged, version = None, None
             try:
+                staged = self._store.staging_dir(name)
                 shutil.copyfile(source / MODEL_FILE, staged / MODEL_FILE)
                 _build(staged, meta, str(source), "cpu")  # the weights fit the architecture the metadata names
                 version = self._claim_next(name)
@@ -715,11 +770,22 @@ class Registry:
                 if key is not None:
                     sign_dir(staged, key)
                 self._store.publish(staged, name, version)
+            except BaseException as exc:
+                if version is not None:
+                    self._store.release(name, version)  # the number goes to the next registration
+                if isinstance(exc, OSError):
+                    raise _storage_error(exc, f"cannot register {name} in {self.uri}; nothing was published") from None
+                raise
             finally:
-                shutil.rmtree(staged, ignore_errors=True)
+                if staged is not None:
+                    shutil.rmtree(staged, ignore_errors=True)
         log.info("registered %s@v%d at %s", name, version, self._store.uri(name, f"v{version}"))
         if alias is not None:
-            self.promote(name, version, alias)
+            try:
+                self.promote(name, version, alias)
+            except RegistryError as exc:
+                raise RegistryError(f"registered {name}@v{version}, but {exc}; run `visionray models promote "
+                                    f"{name}@{version} {alias}` when the storage is writable") from None
         return self._version(name, version, self.aliases(name))
 
     def _claim_next(self, name: str) -> int:
@@ -756,7 +822,10 @@ class Registry:
         versions = self._versions(name)
         if version not in versions:
             raise RegistryError(f"{name} has no version {version} (versions: {', '.join(map(str, versions)) or 'none'})")
-        self._store.write_text_atomic(f"{version}\n", name, "aliases", alias)
+        try:
+            self._store.write_text_atomic(f"{version}\n", name, "aliases", alias)
+        except OSError as exc:
+            raise _storage_error(exc, f"cannot move {name}@{alias} to v{version}; the alias is unchanged") from None
         log.info("%s@%s -> v%d", name, alias, version)
 
     # -- verifying, loading, exporting
@@ -806,7 +875,13 @@ class _Fetched:
     def __enter__(self) -> Path:
         self.tmp = tempfile.TemporaryDirectory(prefix="visionray-verify-")
         copy = Path(self.tmp.name) / f"v{self.mv.version}"
-        self.store.fetch(self.mv.name, self.mv.version, copy)
+        try:
+            self.store.fetch(self.mv.name, self.mv.version, copy)
+        except OSError as exc:  # shutil.Error included; __exit__ does not run when __enter__ raises
+            self.tmp.cleanup()
+            raise RegistryError(f"{self.mv.ref}: cannot read its files ({exc}); it was deleted or moved while "
+                                f"being read: list the registry again (`visionray models list {self.mv.name}`)"
+                                ) from None
         return copy
 
     def __exit__(self, *exc: Any) -> None:
