@@ -509,7 +509,12 @@ def fit_with_progress(spec: TrainSpec, on_report: Callable[[dict[str, Any]], Non
 
     from ray.util.queue import Empty, Queue
 
-    queue = Queue()
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    # On the driver's node and holding no CPU: losing another node must not take the progress queue with it.
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)})
     trainer = build_trainer(spec, callbacks=[ReportToQueue(queue)])
     log = MetricsLog(local_log_dir(spec))
     outcome: dict[str, Any] = {}

@@ -1,0 +1,443 @@
+"""Run VisionRay specs on a Ray cluster as Ray jobs (the Jobs API on the head's dashboard port).
+
+``prepare`` validates a spec where the user is (the same models ``visionray train|tune|serve``
+use), refuses paths that would not exist on the cluster, and measures the upload against Ray's
+limit. ``connect`` builds a ``JobSubmissionClient`` for an address (``--address``, else
+``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS``, else a local head), with the cluster's token when the
+head enforces token authentication. ``submit`` ships the code and runs ``visionray <kind> SPEC``
+on the cluster:
+
+* ``py_modules``: ``platform/visionray`` (first on the job's ``PYTHONPATH``, so the code that runs
+  is the code shipped, even where an older VisionRay is installed on the nodes);
+* ``working_dir``: the project without ``.git``, ``.venv``, data, runs, results, the registry and
+  the package itself (specs under ``jobs/``, ``tune/``, ``serve/`` resolve as they do locally).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import secrets
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from visionray.specs import read_yaml
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["train", "tune", "serve"]
+
+# Never shipped in the working_dir (gitignore syntax, relative to the project root). The package
+# goes as a py_module instead; data, checkpoints and models live on shared storage.
+EXCLUDES = [
+    ".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis",
+    "/data/", "/runs/", "/results/", "/registry/", "/build/", "/dist/", "/platform/", "/tests/",
+]
+PACKAGE = Path("platform") / "visionray"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# How long the client waits for the head's dashboard to answer (s).
+HTTP_TIMEOUT_S = 10.0
+ENV_REGISTRY = "VISIONRAY_REGISTRY"
+
+
+class JobsError(Exception):
+    """A problem the user can fix: each line says what is wrong and how to fix it."""
+
+    def __init__(self, lines: str | list[str], title: str = "cannot submit"):
+        self.lines = [lines] if isinstance(lines, str) else lines
+        self.title = title
+        super().__init__("; ".join(self.lines))
+
+
+# --------------------------------------------------------------------------- what to run
+
+
+def detect_kind(raw: dict[str, Any]) -> Kind:
+    """``applications:`` is a Serve config, a top-level ``search:`` a search spec, else training."""
+    from visionray.tune import is_search_spec
+
+    if "applications" in raw:
+        return "serve"
+    if is_search_spec(raw):
+        return "tune"
+    return "train"
+
+
+def _is_shared(location: str) -> bool:
+    """A URI or an absolute path: the same place on every node (S3, GCS, an NFS mount)."""
+    return "://" in location or Path(location).expanduser().is_absolute()
+
+
+def _relative_to(path: Path, root: Path) -> Path | None:
+    try:
+        return path.resolve().relative_to(root.resolve())
+    except ValueError:
+        return None
+
+
+@dataclass
+class Upload:
+    """What ``working_dir`` and ``py_modules`` ship: bytes per path relative to the project."""
+
+    files: dict[str, int]
+    limit: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.files.values())
+
+    def largest(self, n: int = 5) -> list[tuple[str, int]]:
+        """The biggest top-level entries (directories summed) and the biggest single files."""
+        tops: dict[str, int] = {}
+        for path, size in self.files.items():
+            head, sep, _ = path.partition("/")
+            key = head + "/" if sep else head
+            tops[key] = tops.get(key, 0) + size
+        files = sorted(self.files.items(), key=lambda kv: -kv[1])[:n]
+        return sorted({**dict(files), **tops}.items(), key=lambda kv: -kv[1])[:n]
+
+
+def _include_gitignore() -> bool:
+    from ray._private.ray_constants import RAY_RUNTIME_ENV_IGNORE_GITIGNORE
+
+    return os.environ.get(RAY_RUNTIME_ENV_IGNORE_GITIGNORE, "0") != "1"
+
+
+def _walk(root: Path, excludes: list[str]) -> dict[Path, int]:
+    """Every file Ray's packager would put in the zip for ``root`` (its own traversal: excludes,
+    .gitignore and .rayignore applied exactly as in the upload)."""
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    found: dict[Path, int] = {}
+
+    def handler(path: Path) -> None:
+        if path.is_file():
+            found[path] = path.stat().st_size
+
+    _dir_travel(root, [_get_excludes(root, excludes)], handler, include_gitignore=_include_gitignore(), logger=logger)
+    return found
+
+
+def measure_upload(project: Path, excludes: list[str] = EXCLUDES) -> Upload:
+    """Bytes Ray would upload for this project, against Ray's package limit.
+
+    The limit is Ray's ``GCS_STORAGE_MAX_SIZE`` (the gRPC message cap, 512 MiB unless
+    ``RAY_max_grpc_message_size`` is set); Ray compares the zipped size, this sums file sizes (an
+    upper bound for the zip): ``preflight`` zips for real only when the sum is over."""
+    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
+
+    project = project.resolve()
+    files = {str(p.relative_to(project)): s for p, s in _walk(project, list(excludes)).items()}
+    pkg = project / PACKAGE
+    files |= {str(p.relative_to(project)): s for p, s in _walk(pkg, list(excludes)).items()}
+    return Upload(files=files, limit=GCS_STORAGE_MAX_SIZE)
+
+
+def _zipped_size(root: Path, excludes: list[str]) -> int:
+    import tempfile
+
+    from ray._private.runtime_env.packaging import create_package
+
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "package.zip"
+        create_package(str(root), target, include_gitignore=_include_gitignore(), excludes=list(excludes), logger=logger)
+        return target.stat().st_size
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def preflight_upload(project: Path, excludes: list[str] = EXCLUDES) -> Upload:
+    """Refuse an upload Ray would reject (over its size limit), naming the largest paths."""
+    upload = measure_upload(project, excludes)
+    if upload.total < upload.limit:
+        return upload
+    zipped = max(_zipped_size(project, excludes), _zipped_size(project / PACKAGE, excludes))
+    if zipped < upload.limit:
+        return upload
+    lines = [f"the code to ship from {project} is {_mib(zipped)} zipped ({_mib(upload.total)} of files); "
+             f"Ray accepts packages under {_mib(upload.limit)}"]
+    lines += [f"{path}: {_mib(size)}" for path, size in upload.largest()]
+    lines.append("move data and checkpoints to shared storage (s3://, gs://, an NFS path), or add the paths to "
+                 ".rayignore (gitignore syntax) in the project root")
+    raise JobsError(lines, "upload too large")
+
+
+@dataclass
+class Plan:
+    """A validated submission: what runs on the cluster and what travels with it."""
+
+    kind: Kind
+    spec: str  # the spec's path relative to the project (posix)
+    name: str  # the job's output name (train/tune) or the Serve application name
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    upload: Upload
+    metadata: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _check_shared(problems: list[str], what: str, location: str | None, fix: str) -> None:
+    if location is not None and not _is_shared(location):
+        problems.append(f"{what} {location!r} is a relative path: on the cluster it would land in the job's "
+                        f"temporary working directory and be lost when the job ends; {fix}")
+
+
+def _check_registry(problems: list[str], warnings: list[str], what: str, section, registry: str | None, fix: str) -> None:
+    """A registry named in the spec must be shared; an unnamed one is ``--registry`` or the cluster's
+    own ``$VISIONRAY_REGISTRY`` (cluster.yaml sets it), which only the cluster knows."""
+    if section is None:
+        return
+    key = getattr(section, "signing_key", None)  # registration signs on the cluster: the key must be there
+    if key is not None and not Path(key).expanduser().is_absolute():
+        problems.append(f"register.signing_key {key!r} is a relative path; give the absolute path of the key on "
+                        "every node (a mounted secret), or leave it unset and set $VISIONRAY_SIGNING_KEY there")
+    if section.registry is not None:
+        _check_shared(problems, what, section.registry, fix)
+    elif registry is None:
+        warnings.append(f"{what} is unset and no --registry was given: the cluster's $VISIONRAY_REGISTRY decides; "
+                        "without it the model would land in the job's temporary directory")
+
+
+def _check_data(problems: list[str], spec, project: Path, upload: Upload, prefix: str = "data") -> None:
+    for name in ("path", "val_path", "root"):
+        value = getattr(spec.data, name)
+        if value is None or _is_shared(value) or (name == "root" and spec.data.download):
+            continue  # a torchvision source with download: true fetches into root on each node
+        rel = _relative_to(project / value, project)
+        shipped = rel is not None and (str(rel) in upload.files or any(f.startswith(f"{rel}/") for f in upload.files))
+        if not shipped:
+            problems.append(f"{prefix}.{name} {value!r} is not part of the code shipped from {project}; "
+                            "give an absolute path that every node mounts (NFS) or copy the data there")
+
+
+def prepare(
+    spec_file: str | Path,
+    *,
+    project: str | Path,
+    overrides: list[str] | None = None,
+    storage: str | None = None,
+    registry: str | None = None,
+    extra_args: list[str] | None = None,
+) -> Plan:
+    """Validate ``spec_file`` for running on a cluster and build its entrypoint and runtime_env.
+
+    ``storage`` replaces ``output.storage`` (train, tune); ``registry`` becomes
+    ``$VISIONRAY_REGISTRY`` on the cluster. Both must be a URI or an absolute path every node reaches."""
+    from visionray.specs import load_spec
+
+    project = Path(project).resolve()
+    spec_path = Path(spec_file)
+    if not (project / PACKAGE / "__init__.py").is_file():
+        raise JobsError(f"{project} is not a VisionRay project (no {PACKAGE}/__init__.py); pass --project-dir")
+    rel = _relative_to(spec_path, project)
+    if rel is None:
+        raise JobsError(f"{spec_file}: the spec must be inside the project shipped to the cluster ({project}); "
+                        "copy it under jobs/, tune/ or serve/")
+    upload = preflight_upload(project)
+    if str(rel) not in upload.files:
+        raise JobsError(f"{rel}: excluded from the upload ({', '.join(EXCLUDES)}, .gitignore, .rayignore); "
+                        "put the spec under jobs/, tune/ or serve/")
+    raw = read_yaml(spec_path)
+    kind = detect_kind(raw)
+    overrides = list(overrides or [])
+    if storage is not None:
+        if kind == "serve":
+            raise JobsError("--storage applies to training and search specs; a Serve config reads models from "
+                            "its registry (args.registry or --registry)")
+        overrides.append(f"output.storage={storage}")
+    if overrides and kind == "serve":
+        raise JobsError("--set applies to training and search specs; edit the Serve config instead")
+    if registry is not None and not _is_shared(registry):
+        raise JobsError(f"--registry {registry!r} is a relative path; give a URI (s3://, gs://) or an absolute "
+                        "path that every node reaches")
+
+    problems: list[str] = []
+    warnings: list[str] = []
+    storage_fix = "give --storage s3://BUCKET/PATH, gs://BUCKET/PATH or an absolute path on shared disk (NFS)"
+    registry_fix = "give --registry URI, or set register.registry to a URI or an absolute shared path"
+    if kind == "train":
+        spec = load_spec(spec_path, overrides)
+        name = spec.output.name
+        _check_shared(problems, "output.storage", spec.output.storage, storage_fix)
+        _check_data(problems, spec, project, upload)
+        _check_registry(problems, warnings, "register.registry", spec.registration, registry, registry_fix)
+    elif kind == "tune":
+        from visionray.tune import load_search_spec
+
+        search = load_search_spec(spec_path, overrides)
+        name = search.output.name
+        _check_shared(problems, "output.storage", search.output.storage, storage_fix)
+        _check_data(problems, search.base, project, upload, prefix="base.data")
+        _check_registry(problems, warnings, "register.registry", search.registration, registry, registry_fix)
+    else:
+        from visionray.serve.config import IMPORT_PATH, load_serve_spec, read_serve_config
+
+        config = read_serve_config(spec_path)
+        apps = [a for a in config["applications"] if a.get("import_path") == IMPORT_PATH]
+        if not apps:
+            raise JobsError(f"{rel}: no application with import_path {IMPORT_PATH}; deploy other Serve apps "
+                            "with `serve deploy`")
+        name = apps[0].get("name", "default")
+        args = load_serve_spec(dict(apps[0].get("args") or {}), f"{rel}: args")
+        if args.checkpoint is not None:
+            _check_shared(problems, "args.checkpoint", args.checkpoint, "give a URI or an absolute shared path")
+        else:
+            _check_registry(problems, warnings, "args.registry", args, registry,
+                            "set args.registry in the config to a URI (s3://, gs://) or an absolute shared path, "
+                            "or remove it and give --registry")
+    if problems:
+        raise JobsError(problems, f"{rel}: not runnable on a cluster")
+
+    argv = ["python", "-m", "visionray.cli", kind, rel.as_posix()]
+    for item in overrides:
+        argv += ["--set", item]
+    if kind == "serve":
+        argv.append("--detach")  # deploy and return: the application outlives the job
+    argv += list(extra_args or [])
+    env_vars = {ENV_REGISTRY: registry} if registry is not None else {}
+    runtime_env: dict[str, Any] = {
+        "working_dir": str(project),
+        "py_modules": [str(project / PACKAGE)],
+        "excludes": list(EXCLUDES),
+    }
+    if env_vars:
+        runtime_env["env_vars"] = env_vars
+    metadata = {"visionray_kind": kind, "visionray_spec": rel.as_posix(), "visionray_name": name}
+    return Plan(kind=kind, spec=rel.as_posix(), name=name, entrypoint=shlex.join(argv), runtime_env=runtime_env,
+                upload=upload, metadata=metadata, warnings=warnings)
+
+
+def submission_id(plan: Plan) -> str:
+    """Readable and unique: ``visionray-train-quickstart-3f9a1c``."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", plan.name)[:40]
+    return f"visionray-{plan.kind}-{name}-{secrets.token_hex(3)}"
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+@contextlib.contextmanager
+def _explicit_address(address: str | None) -> Iterator[None]:
+    """Ray lets RAY_API_SERVER_ADDRESS/RAY_ADDRESS override an address passed in code; here an
+    explicit ``--address`` wins, and without one those variables apply as usual."""
+    names = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+    saved = {n: os.environ.pop(n) for n in names if address is not None and n in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def api_server_url(address: str | None) -> str:
+    """The head's Jobs API URL for ``address`` (http://HEAD:8265, a GCS address HEAD:6379, ray://),
+    or from RAY_API_SERVER_ADDRESS / RAY_ADDRESS, or a Ray started on this machine."""
+    from ray.dashboard.utils import get_address_for_submission_client
+
+    with _explicit_address(address):
+        try:
+            url = get_address_for_submission_client(address)
+        except ConnectionError as exc:
+            raise JobsError([str(exc).splitlines()[0], "pass --address http://HEAD:8265 or set RAY_ADDRESS"],
+                            "no Ray cluster found") from None
+    return url if "://" in url else f"http://{url}"
+
+
+def auth_headers(url: str) -> dict[str, str]:
+    """The ``Authorization`` header when the head enforces Ray's token authentication.
+
+    The head says its mode on ``/api/authentication_mode`` (open to all). The token comes from
+    where Ray's own clients read it: ``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH``, or
+    ``~/.ray/auth_token``. Ray's client adds it by itself only when ``RAY_AUTH_MODE=token`` is set
+    locally; asking the head makes ``visionray`` work against token clusters without that."""
+    import httpx
+    from ray._raylet import AuthenticationTokenLoader
+
+    try:
+        response = httpx.get(f"{url}/api/authentication_mode", timeout=HTTP_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        raise JobsError([f"{url}: {type(exc).__name__}: {exc}",
+                         "check --address (the head's dashboard port, 8265 by default) and that the head is up"],
+                        "cannot reach the Ray cluster") from None
+    mode = response.json().get("authentication_mode") if response.status_code == 200 else None
+    if mode != "token":
+        return {}
+    loader = AuthenticationTokenLoader.instance()
+    if not loader.has_token(ignore_auth_mode=True):
+        raise JobsError([f"{url} requires Ray's authentication token and none was found here",
+                         "copy it from the head (`ray get-auth-token` there) into ~/.ray/auth_token, or set "
+                         "RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH"], "authentication required")
+    return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
+
+
+def connect(address: str | None = None):
+    """A ``JobSubmissionClient`` for the cluster at ``address`` (see ``api_server_url``)."""
+    from ray.job_submission import JobSubmissionClient
+
+    url = api_server_url(address)
+    headers = auth_headers(url)
+    with _explicit_address(address):
+        try:
+            return JobSubmissionClient(url, headers=headers)
+        except (ConnectionError, RuntimeError) as exc:
+            raise JobsError([f"{url}: {str(exc).strip().splitlines()[0]}"], "cannot reach the Ray cluster") from None
+
+
+def submit(client, plan: Plan, submission_id_: str | None = None) -> str:
+    """Upload the code and start the job; returns its submission id."""
+    try:
+        return client.submit_job(
+            entrypoint=plan.entrypoint, runtime_env=plan.runtime_env, metadata=plan.metadata,
+            submission_id=submission_id_ or submission_id(plan),
+        )
+    except (RuntimeError, ValueError) as exc:
+        raise JobsError(str(exc).strip().splitlines()[:3], "the cluster refused the job") from None
+
+
+def job_info(client, job_id: str):
+    try:
+        return client.get_job_info(job_id)
+    except RuntimeError as exc:
+        raise JobsError(_missing(job_id, exc), "no such job") from None
+
+
+def _missing(job_id: str, exc: Exception) -> list[str]:
+    return [f"{job_id}: {str(exc).strip().splitlines()[0]}", "`visionray jobs list` shows the cluster's jobs"]
+
+
+def logs(client, job_id: str) -> str:
+    try:
+        return client.get_job_logs(job_id)
+    except RuntimeError as exc:
+        raise JobsError(_missing(job_id, exc), "no such job") from None
+
+
+def follow(client, job_id: str) -> Iterator[str]:
+    """The job's log from its start, as it grows, until the job ends."""
+    import asyncio
+
+    job_info(client, job_id)  # a clear error for an unknown id, before streaming
+    loop = asyncio.new_event_loop()
+    stream = client.tail_job_logs(job_id).__aiter__()
+    try:
+        while True:
+            try:
+                yield loop.run_until_complete(stream.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run_until_complete(stream.aclose())
+        loop.close()
+
+
+def stop(client, job_id: str) -> bool:
+    """Ask the cluster to stop the job; False when it had already ended."""
+    try:
+        return client.stop_job(job_id)
+    except RuntimeError as exc:
+        raise JobsError(_missing(job_id, exc), "no such job") from None
