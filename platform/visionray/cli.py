@@ -13,8 +13,10 @@ from typing import Any, Optional
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 
+from visionray.cli_registry import PublicKeyOption, RegistryOption
 from visionray.cli_common import QUICKSTART, AddressOption, SetOption, console, err, fail, fmt, user_errors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, tune and serve image CNNs on Ray.")
@@ -25,13 +27,20 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, tune 
 
 @app.command()
 def validate(
-    file: Path = typer.Argument(..., help="a training spec (jobs/*.yaml)"),
+    file: Path = typer.Argument(..., help="a training spec (jobs/*.yaml) or a search spec (tune/*.yaml)"),
     set_: list[str] = SetOption,
 ) -> None:
     """Validate a spec: print OK, or every error (field, value, what is allowed) and exit 2."""
-    from visionray.specs import SpecError, load_spec
+    from visionray.specs import SpecError, load_spec, read_yaml
 
     try:
+        from visionray import tune as vtune
+
+        if vtune.is_search_spec(read_yaml(file)):
+            search = vtune.load_search_spec(file, set_)
+            console.print(f"[green]OK[/] {file}: search [bold]{search.output.name}[/] "
+                          f"({search.search.algorithm} + {search.scheduler.name}, {search.expected_trials()} trial(s))")
+            return
         spec = load_spec(file, set_)
     except SpecError as exc:
         fail(exc.errors, f"{file}: {len(exc.errors)} error(s)")
@@ -74,7 +83,17 @@ def train(
         overrides.append("scaling.gpu=true")
     with user_errors():
         spec = load_spec(spec_file or QUICKSTART, overrides)
+        if spec.registration is not None:  # fail before training, not after, when no key can sign
+            cli_registry.check_registration(spec.registration)
     console.print(f"[bold]visionray train[/] {spec.output.name} -> {vtrain.run_dir(spec)}")
+    done = vtrain.completed_epochs(spec)
+    if done >= spec.optim.epochs:
+        console.print(f"job {spec.output.name} already finished {done}/{spec.optim.epochs} epochs; "
+                      "raise optim.epochs to continue it, or set output.name to start a new one")
+        _summary(spec, vtrain.best_checkpoint(vtrain.run_dir(spec)), 0.0)
+        return
+    if done:
+        console.print(f"resuming {spec.output.name} from its checkpoint at epoch {done}")
     vtrain.init_ray(address, verbose)
     rows: list[dict[str, Any]] = []
     start = time.time()
@@ -83,9 +102,14 @@ def train(
             if "metrics" in item:
                 rows.append(item["metrics"])
                 live.update(_epoch_table(spec, rows))
+                if not console.is_terminal:  # job logs, pipes: one plain line per epoch (rich prints only the last table)
+                    m = item["metrics"]
+                    console.print(f"epoch {m['epoch']}/{spec.optim.epochs}: train_loss {fmt(m['train_loss'])} "
+                                  f"val_loss {fmt(m['val_loss'])} val_acc {fmt(m['val_acc'])} "
+                                  f"{m['images_per_s']:.0f} img/s {m['epoch_s']:.1f} s", highlight=False)
             elif "error" in item:
                 for rank, msg in item["error"].items():
-                    err.print(f"[yellow]worker {rank} failed[/]: {msg} (Ray Train restores from the latest checkpoint)")
+                    err.print(f"[yellow]worker {rank} failed[/]: {escape(msg)} (Ray Train restores from the latest checkpoint)")
 
         try:
             result = vtrain.fit_with_progress(spec, on_report)
@@ -93,6 +117,7 @@ def train(
             live.stop()
             fail([f"{type(exc).__name__}: {exc}"], "training failed", code=1)
     best = vtrain.best_checkpoint(vtrain.run_dir(spec)) if "://" not in spec.output.storage else result.checkpoint.path
+    console.print()
     _summary(spec, best, time.time() - start)
     if spec.registration is not None:
         cli_registry.register_after_run(spec.registration, best, lineage={"job": spec.output.name, "run_dir": vtrain.run_dir(spec)})
@@ -121,19 +146,19 @@ def _summary(spec, best: Any, seconds: float) -> None:
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="a checkpoint directory, or a run directory (its best checkpoint)"),
+    checkpoint: Path = typer.Argument(..., help="a checkpoint directory, a run directory (its best checkpoint), "
+                                               "or a registered model NAME@ALIAS / NAME@3 (verified before loading)"),
     data: str = typer.Option("val", "--data", help="val (the checkpoint's held-out split), test (torchvision), or an image folder/archive"),
     as_json: bool = typer.Option(False, "--json", help="print JSON for machines"),
     plot: Optional[Path] = typer.Option(None, "--plot", help="write the confusion matrix as a PNG"),
+    registry: Optional[str] = RegistryOption,
+    public_key: list[Path] = PublicKeyOption,
 ) -> None:
-    """Score a checkpoint: top-1/top-5, a per-class table and a confusion matrix."""
-    from visionray.checkpoint import load_model
+    """Score a checkpoint or a registered model: top-1/top-5, a per-class table and a confusion matrix."""
     from visionray.evaluate import evaluate_checkpoint, plot_confusion
-    from visionray.train import best_checkpoint
 
     with user_errors():
-        path = best_checkpoint(checkpoint)
-        model, meta = load_model(path)
+        model, meta, path = cli_registry.load_for_cli(checkpoint, registry, public_key)
         ev = evaluate_checkpoint(model, meta, data)
     if plot is not None:
         plot_confusion(ev, plot)
@@ -160,9 +185,9 @@ def evaluate(
 
 
 # Sub-commands kept in their own modules; each adds its commands to ``app``.
-from visionray import cli_registry, cli_serve, cli_tune  # noqa: E402
+from visionray import cli_cluster, cli_registry, cli_serve, cli_tune  # noqa: E402
 
-for _module in (cli_registry, cli_serve, cli_tune):
+for _module in (cli_registry, cli_serve, cli_tune, cli_cluster):
     _module.register(app)
 
 

@@ -1,0 +1,252 @@
+"""Serving throughput and latency, side by side in one run, per model:
+
+(a) VisionRay: the real ``visionray.serve.app:build_app`` (sanitizing ingress + batched Classifier,
+    a signed registry model) over HTTP on loopback;
+(b) plain Ray Serve as Ray's docs write it: one FastAPI deployment that reads the body, decodes the
+    PNG with Pillow and runs the model on it, one request = one forward pass, no batching;
+(c) the limit: ``model(batch)`` in this process at the same batch size, no HTTP, no decoding.
+
+(a) and (b) get the same PNGs from the same load generator (``visionray.serve.client.loadtest``)
+at the same fixed concurrency for the same duration. Torch threads match the replicas' (Ray gives
+a 1-CPU replica OMP_NUM_THREADS=1). Reported: requests/s, p50/p99, and (a)/(c), (a)/(b), and the
+p50 overhead of (a) at concurrency 1 over one direct in-process call (sanitized decode + predict).
+Goals: (a)/(c) >= 0.8 for seed_cnn; (a)/(b) >= 2; p50 overhead <= 3 ms.
+
+    python benchmarks/serve.py [--duration 10] [--concurrency 32] [--models seed_cnn,cifar_convnet]
+"""
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from PIL import Image
+from ray import serve
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from soak import encode, free_port, photo, register_untrained  # noqa: E402  (benchmarks/soak.py)
+
+HERE = Path(__file__).resolve().parent
+MODELS = {  # name -> (architecture, kwargs, channels, image size in px)
+    "seed_cnn": ("seed_cnn", {}, 3, 224),
+    "cifar_convnet": ("convnet", {"depth": 4, "width": 32}, 3, 32),
+}
+REPLICA_THREADS = 1  # torch threads in a 1-CPU replica, and in the in-process measurements
+WARMUP_S = 2.0  # load before each measured phase (s)
+DIRECT_REPEAT = 50  # single in-process calls timed for the direct latency
+GOALS = {"a_over_c": 0.8, "a_over_b": 2.0, "overhead_ms": 3.0}
+
+
+# --------------------------------------------------------------------------- (b) plain Ray Serve
+
+plain_api = FastAPI()
+
+
+@serve.deployment(name="Plain")
+@serve.ingress(plain_api)
+class Plain:
+    """The docs' pattern: load the model in the constructor, decode and run it per request."""
+
+    def __init__(self, checkpoint: str):
+        from visionray.checkpoint import eval_preset, load_model
+        from visionray.transforms import eval_transform
+
+        self.model, meta = load_model(checkpoint)
+        self.model.eval()
+        self.classes = meta["classes"]
+        self.preset = eval_preset(meta)
+        self.transform = eval_transform(self.preset)
+
+    @plain_api.post("/v1/classify")
+    async def classify(self, request: Request) -> dict[str, Any]:
+        image = Image.open(io.BytesIO(await request.body())).convert("RGB" if self.preset.channels == 3 else "L")
+        pixels = np.asarray(image)
+        pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+        x = self.transform(torch.from_numpy(np.ascontiguousarray(pixels)))[None]
+        with torch.no_grad():
+            probs = self.model(x).softmax(1)[0]
+        top = probs.topk(5)
+        return {"results": [{"top_k": [{"label": self.classes[i], "index": i, "probability": p}
+                                       for p, i in zip(top.values.tolist(), top.indices.tolist())]}]}
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+def raw_forward(model: torch.nn.Module, batch: int, channels: int, size: int, duration_s: float) -> float:
+    """(c): images/s of ``model(batch)`` for ``duration_s``."""
+    x = torch.randn(batch, channels, size, size)
+    with torch.inference_mode():
+        model(x)
+        n, start = 0, time.perf_counter()
+        while time.perf_counter() - start < duration_s:
+            model(x)
+            n += batch
+    return n / (time.perf_counter() - start)
+
+
+def direct_call(predictor, pngs: list[bytes], channels: int) -> dict[str, float]:
+    """Median ms of one in-process call: the sanitizer's decode plus ``Predictor.predict``."""
+    from visionray.serve.config import SanitizerSpec
+    from visionray.serve.sanitize import check_type, configure_pillow, decode_image
+
+    spec = SanitizerSpec()
+    configure_pillow(spec)
+    decode_s, predict_s = [], []
+    for i in range(DIRECT_REPEAT + 1):
+        data = pngs[i % len(pngs)]
+        t0 = time.perf_counter()
+        image = decode_image(data, check_type("image/png", data, spec), channels, spec)
+        t1 = time.perf_counter()
+        predictor.predict([image], 5)
+        t2 = time.perf_counter()
+        if i:  # the first is a warm-up
+            decode_s.append(t1 - t0)
+            predict_s.append(t2 - t1)
+    decode_ms, predict_ms = statistics.median(decode_s) * 1e3, statistics.median(predict_s) * 1e3
+    return {"decode_ms": decode_ms, "predict_ms": predict_ms, "total_ms": decode_ms + predict_ms}
+
+
+def load(url: str, images: list[tuple[str, bytes, str]], concurrency: int, duration_s: float) -> dict[str, Any]:
+    from visionray.serve.client import loadtest
+
+    asyncio.run(loadtest(url, images, concurrency, WARMUP_S, timeout_s=60.0))
+    return asyncio.run(loadtest(url, images, concurrency, duration_s, timeout_s=60.0, seed=1)).to_json()
+
+
+def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from visionray import registry as reg
+    from visionray.serve.app import build_app
+    from visionray.serve.model import Predictor
+
+    arch, kwargs, channels, size = MODELS[key]
+    name = key.replace("_", "-")
+    registry, public = register_untrained(workdir / key, name, arch, kwargs, channels, size)
+    model, meta = reg.Registry(str(registry)).load(f"{name}@best", public_keys=[public])
+    pngs = [encode(photo(size, seed=s, mode="RGB" if channels == 3 else "L"), "PNG") for s in range(8)]
+    images = [(f"{s}.png", data, "image/png") for s, data in enumerate(pngs)]
+    row: dict[str, Any] = {"model": key, "architecture": arch, "kwargs": kwargs, "input": [channels, size, size],
+                           "png_bytes": statistics.median(len(p) for p in pngs)}
+
+    # (c) and the direct call, in this process, before any load
+    row["c_images_per_s"] = raw_forward(model, args.batch, channels, size, args.duration / 2)
+    row["direct"] = direct_call(Predictor(model, meta, name, 1, torch.device("cpu")), pngs, channels)
+
+    # (a) VisionRay over HTTP
+    serve_args = {
+        "model": f"{name}@best", "registry": str(registry), "public_keys": [str(public)],
+        "batch": {"max_batch_size": args.batch, "wait_s": args.batch_wait_s},
+        "classifier": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1,
+                       "max_ongoing_requests": max(args.batch, args.concurrency), "max_queued_requests": 4 * args.concurrency},
+        "ingress": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
+    }
+    serve.run(build_app(serve_args), name=f"a-{key}", route_prefix=f"/a-{key}")
+    try:
+        url = f"http://127.0.0.1:{port}/a-{key}"
+        row["a"] = load(url, images, args.concurrency, args.duration)
+        row["a_c1"] = load(url, images, 1, args.duration / 2)
+    finally:
+        serve.delete(f"a-{key}")
+
+    # (b) plain Ray Serve
+    checkpoint = workdir / key / "ckpt" / name
+    plain = Plain.options(num_replicas=args.plain_replicas, ray_actor_options={"num_cpus": 1}).bind(str(checkpoint))
+    serve.run(plain, name=f"b-{key}", route_prefix=f"/b-{key}")
+    try:
+        url = f"http://127.0.0.1:{port}/b-{key}"
+        row["b"] = load(url, images, args.concurrency, args.duration)
+        row["b_c1"] = load(url, images, 1, args.duration / 2)
+    finally:
+        serve.delete(f"b-{key}")
+
+    row["a_over_c"] = row["a"]["ok_per_s"] / row["c_images_per_s"]
+    row["a_over_b"] = row["a"]["ok_per_s"] / row["b"]["ok_per_s"] if row["b"]["ok_per_s"] else None
+    row["overhead_ms"] = row["a_c1"]["p50_ms"] - row["direct"]["total_ms"] if row["a_c1"]["p50_ms"] else None
+    # at concurrency 1 a batch never fills: every request also waits batch_wait_s for company
+    row["overhead_beyond_batch_wait_ms"] = None if row["overhead_ms"] is None else row["overhead_ms"] - args.batch_wait_s * 1e3
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase (c=1 phases: half)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight in the throughput phases")
+    parser.add_argument("--batch", type=int, default=16, help="max batch size of (a), and (c)'s batch")
+    parser.add_argument("--batch-wait-s", type=float, default=0.01, help="(a)'s batch wait (s)")
+    parser.add_argument("--plain-replicas", type=int, default=2,
+                        help="replicas of (b): as many model-holding processes as (a) has replicas")
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--out", default=str(HERE / "results" / "serve.json"))
+    args = parser.parse_args()
+    keys = [k.strip() for k in args.models.split(",") if k.strip()]
+    if unknown := [k for k in keys if k not in MODELS]:
+        parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+
+    import ray
+    from rich.console import Console
+    from rich.table import Table
+
+    from visionray.checkpoint import versions
+
+    torch.set_num_threads(REPLICA_THREADS)
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    load_before = os.getloadavg()
+    started = time.time()
+    ray.init(num_cpus=max(4, os.cpu_count() or 4), include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, logging_level="ERROR")
+    port = free_port()
+    rows = []
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        with tempfile.TemporaryDirectory() as tmp:
+            for key in keys:
+                rows.append(bench_model(key, port, args, Path(tmp)))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    def ms(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
+    console = Console(width=160)
+    table = Table(title=f"serving, concurrency {args.concurrency}, {args.duration:g} s per phase, batch {args.batch}, "
+                        f"CPU x{os.cpu_count()}, load avg {load_before[0]:.1f}")
+    for col in ("model", "path", "req/s", "p50 ms", "p99 ms", "c=1 p50 ms", "non-200"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        for path, main_, c1 in (("(a) VisionRay", r["a"], r["a_c1"]), ("(b) plain Serve", r["b"], r["b_c1"])):
+            bad = {k: v for k, v in main_["by_status"].items() if k != "200"}
+            table.add_row(r["model"], path, f"{main_['ok_per_s']:.1f}", ms(main_["p50_ms"]), ms(main_["p99_ms"]),
+                          ms(c1["p50_ms"]), str(bad or "-"))
+        table.add_row(r["model"], f"(c) model(batch {args.batch})", f"{r['c_images_per_s']:.1f}", "", "", "", "")
+        table.add_row(r["model"], "direct decode+predict", "", "", "", ms(r["direct"]["total_ms"]), "", end_section=True)
+    console.print(table)
+    ratios = Table(title="ratios")
+    for col in ("model", f"(a)/(c) (goal >= {GOALS['a_over_c']}, seed_cnn)", f"(a)/(b) (goal >= {GOALS['a_over_b']:g})",
+                f"p50 overhead ms (goal <= {GOALS['overhead_ms']:g})", "of which not batch wait ms"):
+        ratios.add_column(col, justify="right")
+    for r in rows:
+        ratios.add_row(r["model"], f"{r['a_over_c']:.2f}", "-" if r["a_over_b"] is None else f"{r['a_over_b']:.2f}",
+                       ms(r["overhead_ms"]), ms(r["overhead_beyond_batch_wait_ms"]))
+    console.print(ratios)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{os.cpu_count()}",
+        "versions": versions(), "load_average": {"before": load_before, "after": os.getloadavg()},
+        "wall_s": round(time.time() - started, 1), "settings": vars(args), "replica_threads": REPLICA_THREADS,
+        "goals": GOALS, "rows": rows,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

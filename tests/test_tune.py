@@ -1,0 +1,291 @@
+"""`visionray tune`: search specs, per-trial jobs, best-trial selection, and real Ray Tune searches
+(ASHA early stopping, retried faults, interrupt and resume)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from visionray import tune as vtune
+from visionray.specs import SpecError
+
+REPO = Path(__file__).resolve().parents[1]
+QUICK = REPO / "tune" / "quickstart.yaml"
+CIFAR = REPO / "tune" / "cifar10-depth-width-aug.yaml"
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "search.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _base_raw() -> dict:
+    return {
+        "base": str(REPO / "jobs" / "quickstart.yaml"),
+        "search": {"space": {"model.depth": {"choice": [2, 3]}}},
+    }
+
+
+# --------------------------------------------------------------------------- specs
+
+
+def test_shipped_specs_validate():
+    quick = vtune.load_search_spec(QUICK)
+    assert quick.scheduler.name == "asha" and quick.search.num_samples == 8
+    assert {"model.depth", "model.width", "augment", "augment.randaugment.m"} <= set(quick.search.space)
+    cifar = vtune.load_search_spec(CIFAR)
+    assert cifar.resources.gpus_per_worker == 0.25
+    assert cifar.base.data.source == "cifar10"
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (["search.space.model.depht.choice=[2]"], "search.space.model.depht"),
+        (["search.space.model.depth.randint=[0,3]"], "search.space.model.depth"),
+        (["search.space.optim.lr.loguniform=[0,0.1]"], "loguniform"),
+        (["search.space.optim.lr.uniform=[0.1,0.01]"], "low must be below high"),
+        (["search.space.augment.choice=[nope]"], "search.space.augment"),
+        (["scheduler.name=pbt"], "scheduler.name"),
+        (["scheduler.grace_period=0"], "scheduler.grace_period"),
+        (["search.num_samples=0"], "search.num_samples"),
+        (["search.algorithm=bayes"], "search.algorithm"),
+        (["resources.gpus_per_worker=1.5"], "gpus_per_worker"),
+        (["base.optim.lr=-1"], "base.optim.lr"),
+        (["search.space.output.name.choice=[a]"], "search.space.output.name"),
+        (["search.space.model.depth.choice=[2]", "search.space.model.depth.uniform=[1,2]"], "exactly one of"),
+        (["metric=Val Acc"], "metric"),
+    ],
+)
+def test_bad_search_specs_name_the_field(tmp_path, overrides, field):
+    raw = _base_raw()
+    raw["search"]["policies"] = {"plain": [], "ra": [{"op": "randaugment"}]}
+    with pytest.raises(SpecError) as info:
+        vtune.load_search_spec(_write(tmp_path, raw), overrides)
+    assert any(field in e for e in info.value.errors), info.value.errors
+
+
+def test_a_training_job_is_not_a_search_spec():
+    with pytest.raises(SpecError, match="search: missing"):
+        vtune.load_search_spec(REPO / "jobs" / "quickstart.yaml")
+
+
+def test_grid_algorithm_rejects_continuous_axes(tmp_path):
+    raw = _base_raw()
+    raw["search"] |= {"algorithm": "grid", "space": {"optim.lr": {"uniform": [0.001, 0.01]}}}
+    with pytest.raises(SpecError, match="algorithm 'grid'"):
+        vtune.load_search_spec(_write(tmp_path, raw))
+
+
+def test_broken_spec_exits_2_naming_the_field(tmp_path):
+    from visionray.cli import app
+
+    raw = _base_raw()
+    raw["search"]["space"]["model.widht"] = {"choice": [8]}
+    path = _write(tmp_path, raw)
+    for args in (["tune", str(path)], ["validate", str(path)]):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert "model.widht" in result.output and "width" in result.output
+
+
+def test_validate_reports_a_search_spec():
+    from visionray.cli import app
+
+    result = CliRunner().invoke(app, ["validate", str(QUICK)])
+    assert result.exit_code == 0 and "search quickstart-search" in result.output
+
+
+# --------------------------------------------------------------------------- per-trial jobs
+
+
+def test_trial_spec_applies_values_policies_and_resources():
+    spec = vtune.load_search_spec(QUICK, ["resources.gpus_per_worker=0.25", "resources.workers=2"])
+    t = vtune.trial_spec(
+        spec,
+        {"model.depth": np.int64(4), "model.width": 8, "optim.lr": 0.01, "augment": "randaugment",
+         "augment.randaugment.m": 13},
+        storage="/tmp/exp/trial_x",
+    )
+    assert (t.model.depth, t.model.width, t.optim.lr) == (4, 8, 0.01)
+    assert [(op.op, op.n, op.m) for op in t.augment] == [("randaugment", 2, 13)]
+    assert t.optim.epochs == spec.max_epochs == 6
+    assert t.checkpoint.every_epochs == 1 and t.checkpoint.max_failures == 0
+    assert t.scaling.workers == 2 and t.scaling.gpu and t.scaling.resources_per_worker == {"GPU": 0.25}
+    assert (t.output.storage, t.output.name, t.registration) == ("/tmp/exp/trial_x", "train", None)
+    plain = vtune.trial_spec(spec, {"augment": "none", "augment.randaugment.m": 13}, storage="/tmp/x")
+    assert plain.augment == []
+
+
+def test_param_space_and_grid_size(tmp_path):
+    from ray import tune
+
+    raw = _base_raw()
+    raw["search"] |= {"num_samples": 2, "space": {
+        "model.depth": {"grid": [2, 3, 4]}, "model.width": {"randint": [8, 9]}, "optim.lr": {"loguniform": [1e-3, 1e-1]}}}
+    spec = vtune.load_search_spec(_write(tmp_path, raw))
+    space = vtune.param_space(spec)
+    assert space["model.depth"] == tune.grid_search([2, 3, 4])
+    assert (space["model.width"].lower, space["model.width"].upper) == (8, 10)  # inclusive high
+    assert spec.expected_trials() == 6
+
+
+@pytest.mark.parametrize(
+    "overrides, scheduler_cls, searcher_cls",
+    [
+        ([], "AsyncHyperBandScheduler", "BasicVariantGenerator"),
+        (["scheduler={name: hyperband, reduction_factor: 3}"], "HyperBandScheduler", "BasicVariantGenerator"),
+        (["scheduler={name: median, grace_period: 2}"], "MedianStoppingRule", "BasicVariantGenerator"),
+        (["scheduler={name: fifo}", "search.algorithm=optuna"], "FIFOScheduler", "OptunaSearch"),
+    ],
+)
+def test_schedulers_and_search_algorithms(overrides, scheduler_cls, searcher_cls):
+    spec = vtune.load_search_spec(QUICK, overrides)
+    scheduler = vtune.build_scheduler(spec)
+    assert type(scheduler).__name__ == scheduler_cls
+    assert getattr(scheduler, "_time_attr", "epoch") == "epoch"  # trials restarted mid-run keep counting epochs
+    assert type(vtune.build_search_alg(spec)).__name__ == searcher_cls
+
+
+# --------------------------------------------------------------------------- best-trial selection
+
+
+def _summary(tid: str, value, params: int, finished: float, status: str = "completed") -> vtune.TrialSummary:
+    return vtune.TrialSummary(
+        trial_id=tid, params={}, status=status, epochs=3, best_epoch=2, best_value=value, last_value=value,
+        num_params=params, finished_at=finished, checkpoint="/ckpt" if value is not None else None,
+        trial_dir="/t", error=None,
+    )
+
+
+@pytest.mark.parametrize(
+    "trials, expected",
+    [
+        ([_summary("a", 0.90, 10, 5.0), _summary("b", 0.95, 99, 9.0)], "b"),  # higher metric wins
+        ([_summary("a", 0.95, 50, 1.0), _summary("b", 0.95, 10, 9.0)], "b"),  # tie: fewer parameters
+        ([_summary("a", 0.95, 10, 8.0), _summary("b", 0.95, 10, 3.0)], "b"),  # tie: earlier finish
+        ([_summary("b", 0.95, 10, 3.0), _summary("a", 0.95, 10, 3.0)], "a"),  # tie: lower id
+        ([_summary("a", None, 10, 1.0, "error"), _summary("b", 0.5, 10, 2.0)], "b"),  # no value never wins
+    ],
+)
+def test_select_best_is_deterministic(trials, expected):
+    spec = vtune.load_search_spec(QUICK)
+    assert vtune.select_best(spec, trials).trial_id == expected
+    assert vtune.select_best(spec, list(reversed(trials))).trial_id == expected
+
+
+# --------------------------------------------------------------------------- real searches
+
+
+def _search(tmp_path: Path, name: str, overrides: list[str]) -> vtune.SearchSpec:
+    return vtune.load_search_spec(QUICK, [f"output.storage={tmp_path}", f"output.name={name}", *overrides])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_quickstart_search_early_stops_and_records_a_loadable_best(ray_cluster, tmp_path):
+    from visionray.checkpoint import load_model
+    from visionray.evaluate import evaluate_checkpoint
+
+    spec = _search(tmp_path, "quick", [
+        "search.num_samples=4", "scheduler.max_epochs=4", "scheduler.grace_period=1", "scheduler.reduction_factor=2",
+    ])
+    updates: list[list[vtune.TrialRow]] = []
+    out = vtune.run_search(spec, on_update=updates.append)
+
+    assert not out.interrupted and len(out.trials) == 4
+    assert updates and {r.status for r in updates[-1]} <= {"TERMINATED"}
+    stopped = [t for t in out.trials if t.status == "early-stopped"]
+    assert stopped and all(t.epochs < spec.max_epochs for t in stopped)  # ASHA stopped some before max epochs
+    assert any(t.status == "completed" and t.epochs == spec.max_epochs for t in out.trials)
+    assert [t.best_value for t in out.trials] == sorted((t.best_value for t in out.trials), reverse=True)
+    assert out.best is out.trials[0] and out.best.best_value == max(t.best_value for t in out.trials)
+
+    exp = Path(out.experiment_dir)
+    for name in (vtune.TRIALS_CSV, vtune.TRIALS_JSON, vtune.PLOT_PNG, vtune.BEST_JSON):
+        assert (exp / name).stat().st_size > 0, name
+    best = json.loads((exp / vtune.BEST_JSON).read_text())
+    assert best["trial_id"] == out.best.trial_id and best["value"] == out.best.best_value
+    # the stopped trials keep checkpoints too (every epoch is checkpointed in trials)
+    assert all(t.checkpoint and Path(t.checkpoint).exists() for t in stopped)
+
+    model, meta = load_model(best["checkpoint"])
+    assert meta["metrics"]["val_acc"] == pytest.approx(out.best.best_value)
+    ev = evaluate_checkpoint(model, meta, "val")  # predicts the held-out split through the eval preset
+    assert ev.top1 == pytest.approx(out.best.best_value, abs=0.02) and ev.top1 > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_failing_trial_is_retried_and_does_not_stop_the_search(ray_cluster, tmp_path):
+    # resnet needs depth 6n+2: the resnet trial raises in its workers every time it starts.
+    spec = _search(tmp_path, "faults", [
+        "search.algorithm=grid", "search.num_samples=1", "search.space={}",
+        "search.space.model.name.grid=[convnet, resnet]", "scheduler={name: fifo}",
+        "base.optim.epochs=1", "failure.max_retries=1",
+    ])
+    rows: list[list[vtune.TrialRow]] = []
+    out = vtune.run_search(spec, on_update=rows.append)
+
+    assert not out.interrupted and len(out.trials) == 2
+    by_model = {t.params["model.name"]: t for t in out.trials}
+    assert by_model["convnet"].status == "completed" and by_model["convnet"].best_value is not None
+    failed = by_model["resnet"]
+    assert failed.status == "error" and failed.error
+    last = {r.params["model.name"]: r for r in rows[-1]}
+    assert last["resnet"].status == "ERROR" and last["resnet"].retries == 2  # the first run and one retry
+    assert "depth" in (last["resnet"].error or "")
+    assert out.best.trial_id == by_model["convnet"].trial_id
+
+
+def _finished_trials(exp: Path, epochs: int) -> dict[str, str]:
+    done = {}
+    for d in exp.glob("trial_*"):
+        f = d / "result.json"
+        if f.exists():
+            lines = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            if any(r.get("epoch") == epochs for r in lines):
+                done[d.name] = f.read_text()
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, tmp_path):
+    spec = _search(tmp_path, "resume", [
+        "search.num_samples=2", "search.max_concurrent_trials=1", "scheduler={name: fifo}", "base.optim.epochs=2",
+    ])
+    exp = Path(vtune.experiment_dir(spec))
+
+    def interrupt_after_first_trial() -> None:  # Ctrl+C's path: Tune also stops on SIGUSR1
+        while not _finished_trials(exp, 2):
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
+    watcher.start()
+    first = vtune.run_search(spec)
+    watcher.join(timeout=5)
+    finished = _finished_trials(exp, 2)
+    assert first.interrupted and first.best_dir is None  # nothing recorded from a partial search
+    assert not (exp / vtune.BEST_JSON).exists()
+    assert len(finished) == 1
+
+    with pytest.raises(vtune.SearchError, match="--resume"):
+        vtune.run_search(spec)  # a new run would mix with the old trials
+    second = vtune.run_search(spec, resume=True)
+    assert not second.interrupted and len(second.trials) == 2
+    assert all(t.status == "completed" for t in second.trials)
+    for name, text in finished.items():  # finished trials were not run again
+        assert (exp / name / "result.json").read_text() == text
+    assert second.best is not None and (exp / vtune.BEST_DIR / "model.safetensors").exists()
