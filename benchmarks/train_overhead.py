@@ -28,7 +28,7 @@ def make_spec(workers: int, epochs: int, gpu: bool, storage: str):
     from visionray.specs import load_spec
 
     return load_spec(None, [
-        "data.source=synthetic", "data.num_samples=8192", "data.image_size=32", "data.channels=3",
+        "data.source=synthetic", "data.num_samples=4096", "data.image_size=32", "data.channels=3",
         "data.val_fraction=0.05", "data.pipeline=batched", "augment=[flip_crop]",
         "model.name=convnet", "model.depth=4", "model.width=32",
         f"optim.epochs={epochs}", "optim.batch_size=128", f"scaling.workers={workers}", f"scaling.gpu={str(gpu).lower()}",

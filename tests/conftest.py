@@ -17,14 +17,15 @@ def ray_cluster():
     and Serve replicas fit on a 2-core CI box)."""
     import ray
 
-    from visionray.train import init_ray
+    from visionray.train import init_ray, local_cluster_env
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # Workers import functions defined in test modules by name: put tests/ on their path.
     path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
-                 log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": path}})
+        with local_cluster_env():
+            ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",
+                     log_to_driver=False, logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": path}})
     init_ray()  # no-op once connected; keeps the CLI's path exercised
     yield ray
     ray.shutdown()

@@ -387,10 +387,17 @@ def streaming_datasets(spec: DataSpec, preset: EvalPreset) -> tuple[dict, list[s
         train, val = all_train.filter(lambda r: not is_val(r)), all_train.filter(is_val)
     else:
         train, val = all_train, read(val_root)
-    return {"train": train.map(to_row), "val": val.map(to_row)}, classes
+    return {"train": train.map(to_row).randomize_block_order(seed=spec.split_seed), "val": val.map(to_row)}, classes
 
 
-def iter_stream(shard, batch_size: int, transform: Callable) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.long}):
+STREAM_SHUFFLE_BUFFER = 4096  # images held per worker to shuffle a stream that arrives in file order
+
+
+def iter_stream(shard, batch_size: int, transform: Callable, shuffle_seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches from a Ray Data shard; ``shuffle_seed`` shuffles through a local buffer (training)."""
+    shuffle = {} if shuffle_seed is None else {
+        "local_shuffle_buffer_size": max(STREAM_SHUFFLE_BUFFER, 4 * batch_size), "local_shuffle_seed": shuffle_seed,
+    }
+    for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.long}, **shuffle):
         images = torch.stack([transform(img) for img in batch["image"]])
         yield images, batch["label"]

@@ -173,7 +173,7 @@ def _epoch_batches(spec: TrainSpec, data, transforms, rank: int, world: int, epo
 
         bs = spec.optim.batch_size
         return (
-            vdata.iter_stream(ray.train.get_dataset_shard("train"), bs, train_tf),
+            vdata.iter_stream(ray.train.get_dataset_shard("train"), bs, train_tf, shuffle_seed=spec.seed * 1000 + epoch * 10 + rank),
             vdata.iter_stream(ray.train.get_dataset_shard("val"), bs, eval_tf),
         )
     bs, workers = spec.optim.batch_size, spec.data.loader_workers
@@ -369,7 +369,32 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
     else:
         # The dashboard serves Ray's state API (Train's placement-group cleaner polls it) and the
         # Jobs API; both listen on loopback only.
-        ray.init(include_dashboard=True, dashboard_host=LOCAL_HOST, _node_ip_address=LOCAL_HOST, **kwargs)
+        with local_cluster_env():
+            ray.init(address="local", include_dashboard=True, dashboard_host=LOCAL_HOST,
+                     _node_ip_address=LOCAL_HOST, **kwargs)
+
+
+@contextlib.contextmanager
+def local_cluster_env():
+    """Start a local cluster on a known GCS port and give its processes RAY_ADDRESS: Ray's own
+    state-API lookups inside the cluster (Train's placement-group cleaner) then find this cluster
+    even when other Ray clusters run on the same machine. The driver's environment is restored."""
+    import os
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
+    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def storage_path(spec: TrainSpec) -> str:
