@@ -355,39 +355,39 @@ def _imagefolder(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
 
 def streaming_datasets(spec: DataSpec, preset: EvalPreset) -> tuple[dict, list[str]]:
     """Ray Datasets for data larger than memory: images are read and resized by Ray Data tasks
-    and each training worker iterates its own shard (``ray.train.get_dataset_shard``). The split
-    hashes each file's path with the split seed, so it is deterministic without a listing."""
+    and each training worker iterates its own shard (``ray.train.get_dataset_shard``). Only the
+    file list is held in memory: the split is the in-memory path's (same seed, same images), and
+    the training files are read in a seeded random order, so no class arrives in one block."""
     import ray.data
 
     root = resolve_folder(spec.path)
-    if (root / "train").is_dir() and (root / "val").is_dir() and not spec.val_path:
+    val_root = resolve_folder(spec.val_path) if spec.val_path else None
+    if val_root is None and (root / "train").is_dir() and (root / "val").is_dir():
         root, val_root = root / "train", root / "val"
+    files, _, classes = list_folder(root)
+    if val_root is not None:
+        val_files, _, val_classes = list_folder(val_root)
+        if val_classes != classes:
+            raise DataError(f"validation classes {val_classes} differ from training classes {classes}")
+        train_files = files
     else:
-        val_root = resolve_folder(spec.val_path) if spec.val_path else None
-    _, _, classes = list_folder(root)
+        train_idx, val_idx = split_indices(len(files), spec.val_fraction, spec.split_seed)
+        train_files, val_files = [files[i] for i in train_idx], [files[i] for i in val_idx]
+    if spec.limit is not None:
+        train_files = train_files[:spec.limit]
+    order = np.random.default_rng(spec.split_seed).permutation(len(train_files))
     index = {name: i for i, name in enumerate(classes)}
-    mode = "L" if preset.channels == 1 else "RGB"
     to_size = resize(preset)
 
-    def to_row(row: dict) -> dict:
+    def to_row(row: dict) -> dict:  # images sit in their class folder: the label is its name
         image = torch.from_numpy(np.ascontiguousarray(row["image"]))
         image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
         return {"image": to_size(image).numpy(), "label": index[Path(row["path"]).parent.name]}
 
-    def is_val(row: dict) -> bool:  # keyed by <class>/<file>: images sit directly in class folders
-        p = Path(row["path"])
-        h = hashlib.sha256(f"{spec.split_seed}|{p.parent.name}/{p.name}".encode()).digest()
-        return int.from_bytes(h[:8], "big") / 2**64 < spec.val_fraction
+    def read(paths: list[Path]):
+        return ray.data.read_images([str(p) for p in paths], mode="L" if preset.channels == 1 else "RGB", include_paths=True)
 
-    def read(path: Path):
-        return ray.data.read_images(str(path), mode=mode, include_paths=True, file_extensions=[e[1:] for e in IMAGE_EXTENSIONS])
-
-    all_train = read(root)
-    if val_root is None:
-        train, val = all_train.filter(lambda r: not is_val(r)), all_train.filter(is_val)
-    else:
-        train, val = all_train, read(val_root)
-    return {"train": train.map(to_row).randomize_block_order(seed=spec.split_seed), "val": val.map(to_row)}, classes
+    return {"train": read([train_files[i] for i in order]).map(to_row), "val": read(val_files).map(to_row)}, classes
 
 
 STREAM_SHUFFLE_BUFFER = 4096  # images held per worker to shuffle a stream that arrives in file order
