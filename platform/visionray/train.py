@@ -181,18 +181,20 @@ def _epoch_batches(spec: TrainSpec, data, transforms, rank: int, world: int, epo
     steps = vdata.steps_per_epoch(n, world, bs)
     train_idx = vdata.shard_indices(n, rank, world, spec.seed, epoch)
     val_idx = np.array_split(np.arange(len(data.val)), world)[rank]
-    if spec.data.pipeline == "batched":  # data already on the device, preprocessed; see train_loop_per_worker
+    train_chunks = vdata.batch_chunks(train_idx, steps, bs)
+    val_chunks = [val_idx[i:i + bs] for i in range(0, len(val_idx), bs)]
+    if spec.data.pipeline == "batched":  # data already on the device and preprocessed (see Worker)
         preset, augment = train_tf
         dev = data.train.images.device
         return (
             ((augment(normalize_batch(preset, data.train.images[c])), data.train.labels[c])
-             for c in (torch.as_tensor(c, device=dev) for c in vdata.batch_chunks(train_idx, steps, bs))),
+             for c in (torch.as_tensor(c, device=dev) for c in train_chunks)),
             ((normalize_batch(preset, data.val.images[c]), data.val.labels[c])
-             for c in (torch.as_tensor(val_idx[i:i + bs], device=dev) for i in range(0, len(val_idx), bs))),
+             for c in (torch.as_tensor(c, device=dev) for c in val_chunks)),
         )
     return (
-        vdata.loader(data.train, train_tf, vdata.batch_chunks(train_idx, steps, bs), workers, spec.seed + epoch),
-        vdata.loader(data.val, eval_tf, [val_idx[i:i + bs] for i in range(0, len(val_idx), bs)] or [val_idx], workers, 0),
+        vdata.loader(data.train, train_tf, train_chunks, workers, spec.seed + epoch),
+        vdata.loader(data.val, eval_tf, val_chunks or [val_idx], workers, 0),
     )
 
 
