@@ -36,3 +36,41 @@ def cifar_tar() -> Path:
     if not CIFAR_TAR.exists():
         pytest.skip(f"{CIFAR_TAR} not present (../shared is absent)")
     return CIFAR_TAR
+
+
+@pytest.fixture
+def kill_train_worker_after():
+    """Start a thread that SIGKILLs one live Ray Train worker process as soon as a path matching
+    ``pattern`` appears under ``root`` (a checkpoint), and return the list it fills with the pid."""
+    import signal
+    import threading
+    import time
+
+    threads = []
+
+    def start(root: Path, pattern: str) -> list[int]:
+        import ray
+        from ray.util.state import list_actors
+
+        killed: list[int] = []
+
+        def run() -> None:
+            deadline = time.time() + 300
+            while time.time() < deadline and not list(root.glob(pattern)):
+                time.sleep(0.2)
+            actors = list_actors(
+                address=ray.get_runtime_context().gcs_address,
+                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True,
+            )
+            if actors:
+                os.kill(actors[-1].pid, signal.SIGKILL)
+                killed.append(actors[-1].pid)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        threads.append(thread)
+        return killed
+
+    yield start
+    for thread in threads:
+        thread.join(timeout=310)

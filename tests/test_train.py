@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -68,34 +64,15 @@ def test_same_name_resumes_from_latest_checkpoint(ray_cluster, tmp_path):
     assert vtrain.completed_epochs(second) == 4
 
 
-def _kill_one_worker_after_first_checkpoint(run_dir: Path, killed: list[int]) -> None:
-    import ray
-    from ray.util.state import list_actors
-
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(run_dir.glob("checkpoint_epoch_0001")):
-        time.sleep(0.2)
-    actors = list_actors(
-        address=ray.get_runtime_context().gcs_address,
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True,
-    )
-    if actors:
-        os.kill(actors[-1].pid, signal.SIGKILL)
-        killed.append(actors[-1].pid)
-
-
-def test_killed_worker_recovers_and_completes_every_epoch(ray_cluster, tmp_path):
+def test_killed_worker_recovers_and_completes_every_epoch(ray_cluster, tmp_path, kill_train_worker_after):
     # Synthetic data big enough that an epoch lasts a few seconds: the kill lands mid-run.
     spec = _spec(
         tmp_path, "output.name=killed", "optim.epochs=4", "data.source=synthetic", "data.num_samples=6000",
         "data.image_size=32", "data.channels=3", "data.val_fraction=0.1", "augment=[]", "model.width=32",
     )
-    killed: list[int] = []
-    killer = threading.Thread(target=_kill_one_worker_after_first_checkpoint, args=(Path(vtrain.run_dir(spec)), killed))
-    killer.start()
+    killed = kill_train_worker_after(Path(vtrain.run_dir(spec)), "checkpoint_epoch_0001")
     items = []
     vtrain.fit_with_progress(spec, items.append)
-    killer.join()
     assert killed, "no worker was killed"
     assert any("error" in item for item in items), "the controller never saw the worker die"
     epochs = [item["metrics"]["epoch"] for item in items if "metrics" in item]

@@ -291,25 +291,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     assert second.best is not None and (exp / vtune.BEST_DIR / "model.safetensors").exists()
 
 
-def _kill_a_trial_worker_after_its_first_checkpoint(exp: Path, killed: list[int]) -> None:
-    import ray
-    from ray.util.state import list_actors
-
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(exp.glob("trial_*/train/checkpoint_epoch_0001")):
-        time.sleep(0.2)
-    actors = list_actors(
-        address=ray.get_runtime_context().gcs_address,
-        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")], detail=True,
-    )
-    if actors:
-        os.kill(actors[0].pid, signal.SIGKILL)
-        killed.append(actors[0].pid)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_trial_whose_worker_dies_is_retried_and_finishes(ray_cluster, tmp_path):
+def test_trial_whose_worker_dies_is_retried_and_finishes(ray_cluster, tmp_path, kill_train_worker_after):
     """SIGKILL of a trial's training worker process: Tune retries the trial from its checkpoint."""
     spec = _search(tmp_path, "worker-dies", [
         "search.algorithm=grid", "search.num_samples=1", "search.space={}", "search.space.model.depth.grid=[2]",
@@ -317,13 +301,9 @@ def test_trial_whose_worker_dies_is_retried_and_finishes(ray_cluster, tmp_path):
         "base.data.source=synthetic", "base.data.num_samples=4000", "base.data.image_size=32", "base.data.channels=3",
         "base.augment=[]", "base.model.width=32",
     ])
-    killed: list[int] = []
-    exp = Path(vtune.experiment_dir(spec))
-    killer = threading.Thread(target=_kill_a_trial_worker_after_its_first_checkpoint, args=(exp, killed))
-    killer.start()
+    killed = kill_train_worker_after(Path(vtune.experiment_dir(spec)), "trial_*/train/checkpoint_epoch_0001")
     rows: list[list[vtune.TrialRow]] = []
     out = vtune.run_search(spec, on_update=rows.append)
-    killer.join()
     assert killed, "no trial worker was killed"
     assert len(out.trials) == 1 and out.trials[0].status == "completed"
     assert rows[-1][0].retries >= 1 and rows[-1][0].epoch == 3
