@@ -418,7 +418,7 @@ def local_log_dir(spec: TrainSpec) -> Path:
     return Path(run_dir(spec))
 
 
-def build_trainer(spec: TrainSpec, callbacks: list | None = None, extra_run_config: dict | None = None):
+def build_trainer(spec: TrainSpec, callbacks: list | None = None):
     """The ``TorchTrainer`` for a spec: used by ``visionray train`` and, per trial, by Tune."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -443,7 +443,6 @@ def build_trainer(spec: TrainSpec, callbacks: list | None = None, extra_run_conf
         failure_config=FailureConfig(max_failures=spec.checkpoint.max_failures),
         callbacks=callbacks or None,
         logging_config=LoggingConfig(log_level="WARNING"),  # Ray Train's per-report INFO lines stay in its log files
-        **(extra_run_config or {}),
     )
     return TorchTrainer(
         train_loop_per_worker,
