@@ -4,30 +4,25 @@ to pixels (metadata dropped) or is refused with a 4xx, quickly; none raises anyt
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
+from test_serve_sanitize import LIMITS, encode, png_chunk
 
-from visionray.serve.config import SanitizerSpec
 from visionray.serve.sanitize import Rejection, check_type, configure_pillow, decode_image
 
-LIMITS = SanitizerSpec()
+
+def _flat(value: int) -> Image.Image:
+    return Image.fromarray(np.full((16, 16, 3), value, np.uint8))
 
 
 def _png(extra_chunks: list[tuple[bytes, bytes]]) -> bytes:
-    """A valid 16x16 RGB PNG with chunks inserted after IHDR."""
-    buf = io.BytesIO()
-    Image.fromarray(np.full((16, 16, 3), 120, np.uint8)).save(buf, "PNG")
-    data = buf.getvalue()
-    ihdr_end = 8 + 25
-    chunks = b"".join(
-        struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body)) for kind, body in extra_chunks
-    )
-    return data[:ihdr_end] + chunks + data[ihdr_end:]
+    """A valid 16x16 RGB PNG with chunks inserted after IHDR (8-byte signature + 25-byte IHDR)."""
+    data = encode(_flat(120), "PNG")
+    return data[:33] + b"".join(png_chunk(kind, body) for kind, body in extra_chunks) + data[33:]
 
 
 def _zbomb(size: int) -> bytes:
@@ -35,9 +30,7 @@ def _zbomb(size: int) -> bytes:
 
 
 def _jpeg(**kw) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((16, 16, 3), 80, np.uint8)).save(buf, "JPEG", **kw)
-    return buf.getvalue()
+    return encode(_flat(80), "JPEG", **kw)
 
 
 def _jpeg_with_segments(marker: int, body: bytes, count: int) -> bytes:
@@ -47,9 +40,7 @@ def _jpeg_with_segments(marker: int, body: bytes, count: int) -> bytes:
 
 
 def _webp_with_exif(size: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.full((16, 16, 3), 60, np.uint8)).save(buf, "WEBP", exif=b"Exif\0\0" + b"\0" * size)
-    return buf.getvalue()
+    return encode(_flat(60), "WEBP", exif=b"Exif\0\0" + b"\0" * size)
 
 
 CASES = {
