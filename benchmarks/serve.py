@@ -150,24 +150,24 @@ def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) ->
                        "max_ongoing_requests": max(args.batch, args.concurrency), "max_queued_requests": 4 * args.concurrency},
         "ingress": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
     }
-    serve.run(build_app(serve_args), name=f"a-{key}", route_prefix=f"/a-{key}")
-    try:
-        url = f"http://127.0.0.1:{port}/a-{key}"
-        row["a"] = load(url, images, args.concurrency, args.duration)
-        row["a_c1"] = load(url, images, 1, args.duration / 2)
-    finally:
-        serve.delete(f"a-{key}")
+
+    def phase(path: str, app) -> None:
+        """Deploy ``app`` at /<path>-<key>, load it at full and at single concurrency, remove it."""
+        app_name = f"{path}-{key}"
+        serve.run(app, name=app_name, route_prefix=f"/{app_name}")
+        try:
+            url = f"http://127.0.0.1:{port}/{app_name}"
+            row[path] = load(url, images, args.concurrency, args.duration)
+            row[f"{path}_c1"] = load(url, images, 1, args.duration / 2)
+        finally:
+            serve.delete(app_name)
+
+    phase("a", build_app(serve_args))
 
     # (b) plain Ray Serve
     checkpoint = workdir / key / "ckpt" / name
     plain = Plain.options(num_replicas=args.plain_replicas, ray_actor_options={"num_cpus": 1}).bind(str(checkpoint))
-    serve.run(plain, name=f"b-{key}", route_prefix=f"/b-{key}")
-    try:
-        url = f"http://127.0.0.1:{port}/b-{key}"
-        row["b"] = load(url, images, args.concurrency, args.duration)
-        row["b_c1"] = load(url, images, 1, args.duration / 2)
-    finally:
-        serve.delete(f"b-{key}")
+    phase("b", plain)
 
     row["a_over_c"] = row["a"]["ok_per_s"] / row["c_images_per_s"]
     row["a_over_b"] = row["a"]["ok_per_s"] / row["b"]["ok_per_s"] if row["b"]["ok_per_s"] else None
