@@ -2,7 +2,7 @@
 
 (a) VisionRay: the real ``visionray.serve.app:build_app`` (sanitizing ingress + batched Classifier,
     a signed registry model) over HTTP on loopback;
-(b) plain Ray Serve as Ray's docs write it: one FastAPI deployment that reads the body, decodes the
+(b) plain Ray Serve as Ray's docs write it: one deployment whose ``__call__`` reads the body, decodes the
     PNG with Pillow and runs the model on it, one request = one forward pass, no batching;
 (c) the limit: ``model(batch)`` in this process at the same batch size, no HTTP, no decoding.
 
@@ -12,7 +12,10 @@ a 1-CPU replica OMP_NUM_THREADS=1). Reported: requests/s, p50/p99, and (a)/(c), 
 p50 overhead of (a) at concurrency 1 over one direct in-process call (sanitized decode + predict).
 Goals: (a)/(c) >= 0.8 for seed_cnn; (a)/(b) >= 2; p50 overhead <= 3 ms.
 
-    python benchmarks/serve.py [--duration 10] [--concurrency 32] [--models seed_cnn,cifar_convnet]
+    python benchmarks/serve.py [--duration 10] [--concurrency 32] [--models seed_cnn,cifar_convnet] [--gpu]
+
+``--gpu``: every model-holding process on the one GPU (Ray shares it by fractions): (a)'s classifier
+in fp16 + channels_last as the product serves, (b) in fp32 as the docs write it, (c) as (a)'s model.
 """
 
 import argparse
@@ -29,9 +32,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from fastapi import FastAPI, Request
 from PIL import Image
 from ray import serve
+from starlette.requests import Request
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak import encode, free_port, photo, register_untrained  # noqa: E402  (benchmarks/soak.py)
@@ -49,30 +52,33 @@ GOALS = {"a_over_c": 0.8, "a_over_b": 2.0, "overhead_ms": 3.0}
 
 # --------------------------------------------------------------------------- (b) plain Ray Serve
 
-plain_api = FastAPI()
-
-
 @serve.deployment(name="Plain")
-@serve.ingress(plain_api)
 class Plain:
-    """The docs' pattern: load the model in the constructor, decode and run it per request."""
+    """The docs' pattern (Serve's quickstart): load the model in the constructor; ``__call__`` takes
+    the Starlette request, decodes it and runs the model on it, one request at a time."""
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, device: str):
         from visionray.checkpoint import eval_preset, load_model
         from visionray.transforms import eval_transform
 
+        self.device = device
         self.model, meta = load_model(checkpoint)
-        self.model.eval()
+        self.model.to(device).eval()
         self.classes = meta["classes"]
         self.preset = eval_preset(meta)
         self.transform = eval_transform(self.preset)
 
-    @plain_api.post("/v1/classify")
-    async def classify(self, request: Request) -> dict[str, Any]:
+    async def __call__(self, request: Request) -> dict[str, Any]:
+        import io  # imported here, not captured: this class is pickled by value into the replicas
+
+        import numpy as np
+        import torch
+        from PIL import Image
+
         image = Image.open(io.BytesIO(await request.body())).convert("RGB" if self.preset.channels == 3 else "L")
         pixels = np.asarray(image)
         pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
-        x = self.transform(torch.from_numpy(np.ascontiguousarray(pixels)))[None]
+        x = self.transform(torch.from_numpy(np.ascontiguousarray(pixels)))[None].to(self.device)
         with torch.no_grad():
             probs = self.model(x).softmax(1)[0]
         top = probs.topk(5)
@@ -83,15 +89,20 @@ class Plain:
 # --------------------------------------------------------------------------- measurements
 
 
-def raw_forward(model: torch.nn.Module, batch: int, channels: int, size: int, duration_s: float) -> float:
-    """(c): images/s of ``model(batch)`` for ``duration_s``."""
-    x = torch.randn(batch, channels, size, size)
+def raw_forward(predictor, batch: int, size: int, duration_s: float) -> float:
+    """(c): images/s of the predictor's own ``model(batch)`` (its device and precision) for ``duration_s``."""
+    x = torch.randn(batch, predictor.preset.channels, size, size, device=predictor.device)
+    if predictor.half:
+        x = x.half().contiguous(memory_format=torch.channels_last)
+    sync = torch.cuda.synchronize if predictor.device.type == "cuda" else (lambda: None)
     with torch.inference_mode():
-        model(x)
+        predictor.model(x)
+        sync()
         n, start = 0, time.perf_counter()
         while time.perf_counter() - start < duration_s:
-            model(x)
+            predictor.model(x)
             n += batch
+        sync()
     return n / (time.perf_counter() - start)
 
 
@@ -139,14 +150,16 @@ def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) ->
                            "png_bytes": statistics.median(len(p) for p in pngs)}
 
     # (c) and the direct call, in this process, before any load
-    row["c_images_per_s"] = raw_forward(model, args.batch, channels, size, args.duration / 2)
-    row["direct"] = direct_call(Predictor(model, meta, name, 1, torch.device("cpu")), pngs, channels)
+    predictor = Predictor(model, meta, name, 1, torch.device("cuda" if args.gpu else "cpu"))
+    row["c_images_per_s"] = raw_forward(predictor, args.batch, size, args.duration / 2)
+    row["direct"] = direct_call(predictor, pngs, channels)
 
     # (a) VisionRay over HTTP
     serve_args = {
         "model": f"{name}@best", "registry": str(registry), "public_keys": [str(public)],
+        "device": "cuda" if args.gpu else "cpu",
         "batch": {"max_batch_size": args.batch, "wait_s": args.batch_wait_s},
-        "classifier": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1,
+        "classifier": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1, "num_gpus": 0.5 if args.gpu else 0,
                        "max_ongoing_requests": max(args.batch, args.concurrency), "max_queued_requests": 4 * args.concurrency},
         "ingress": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
     }
@@ -166,7 +179,9 @@ def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) ->
 
     # (b) plain Ray Serve
     checkpoint = workdir / key / "ckpt" / name
-    plain = Plain.options(num_replicas=args.plain_replicas, ray_actor_options={"num_cpus": 1}).bind(str(checkpoint))
+    gpus = 0.5 / args.plain_replicas if args.gpu else 0  # (b)'s replicas share the other half of the GPU
+    plain = Plain.options(num_replicas=args.plain_replicas, ray_actor_options={"num_cpus": 1, "num_gpus": gpus}).bind(
+        str(checkpoint), "cuda" if args.gpu else "cpu")
     phase("b", plain)
 
     row["a_over_c"] = row["a"]["ok_per_s"] / row["c_images_per_s"]
@@ -175,6 +190,10 @@ def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) ->
     # at concurrency 1 a batch never fills: every request also waits batch_wait_s for company
     row["overhead_beyond_batch_wait_ms"] = None if row["overhead_ms"] is None else row["overhead_ms"] - args.batch_wait_s * 1e3
     return row
+
+
+def device_name() -> str:
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
 
 
 def main() -> None:
@@ -186,8 +205,11 @@ def main() -> None:
     parser.add_argument("--plain-replicas", type=int, default=2,
                         help="replicas of (b): as many model-holding processes as (a) has replicas")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--gpu", action="store_true", help="models on the GPU (a: fp16 as served, b: fp32 as in Ray's docs)")
     parser.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     args = parser.parse_args()
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu: torch sees no CUDA device here")
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     if unknown := [k for k in keys if k not in MODELS]:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
@@ -220,7 +242,7 @@ def main() -> None:
 
     console = Console(width=160)
     table = Table(title=f"serving, concurrency {args.concurrency}, {args.duration:g} s per phase, batch {args.batch}, "
-                        f"CPU x{os.cpu_count()}, load avg {load_before[0]:.1f}")
+                        f"{device_name()}{', CPU x' + str(os.cpu_count()) if torch.cuda.is_available() else ''}, load avg {load_before[0]:.1f}")
     for col in ("model", "path", "req/s", "p50 ms", "p99 ms", "c=1 p50 ms", "non-200"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -241,7 +263,7 @@ def main() -> None:
     console.print(ratios)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{os.cpu_count()}",
+        "device": device_name(),
         "versions": versions(), "load_average": {"before": load_before, "after": os.getloadavg()},
         "wall_s": round(time.time() - started, 1), "settings": vars(args), "replica_threads": REPLICA_THREADS,
         "goals": GOALS, "rows": rows,

@@ -5,7 +5,10 @@ drives both, so the only difference is the harness: Ray Train V2 (1 and 2 worker
 plain process and ``torchrun`` DDP over gloo/nccl (2 processes). Steady state is the median epoch
 after the first. Goal: Ray Train / plain <= 1.03.
 
-    python benchmarks/train_overhead.py [--epochs 4] [--gpu] [--out benchmarks/results/train_overhead.json]
+    python benchmarks/train_overhead.py [--epochs 4] [--samples 4096] [--gpu] [--out benchmarks/results/train_overhead.json]
+
+With ``--gpu`` on a machine with one GPU the 2-worker rows are skipped (NCCL runs one rank per GPU);
+use ``--samples 50000`` there so an epoch is long enough to time.
 """
 
 from __future__ import annotations
@@ -24,11 +27,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
-def make_spec(workers: int, epochs: int, gpu: bool, storage: str):
+def make_spec(workers: int, epochs: int, gpu: bool, storage: str, samples: int):
     from visionray.specs import load_spec
 
     return load_spec(None, [
-        "data.source=synthetic", "data.num_samples=4096", "data.image_size=32", "data.channels=3",
+        "data.source=synthetic", f"data.num_samples={samples}", "data.image_size=32", "data.channels=3",
         "data.val_fraction=0.05", "data.pipeline=batched", "augment=[flip_crop]",
         "model.name=convnet", "model.depth=4", "model.width=32",
         f"optim.epochs={epochs}", "optim.batch_size=128", f"scaling.workers={workers}", f"scaling.gpu={str(gpu).lower()}",
@@ -48,7 +51,7 @@ def plain_epochs(spec, rank: int = 0, world: int = 1, wrap=lambda m: m) -> list[
     return [worker.run_epoch(e)["epoch_s"] for e in range(spec.optim.epochs)]
 
 
-def ddp_child(out: str, epochs: int, gpu: bool) -> None:
+def ddp_child(out: str, epochs: int, gpu: bool, samples: int) -> None:
     """One torchrun process: DDP around the same Worker."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -58,41 +61,42 @@ def ddp_child(out: str, epochs: int, gpu: bool) -> None:
     if gpu:
         torch.cuda.set_device(rank)
     wrap = (lambda m: DistributedDataParallel(m, device_ids=[rank])) if gpu else DistributedDataParallel
-    times = plain_epochs(make_spec(world, epochs, gpu, tempfile.mkdtemp()), rank, world, wrap)
+    times = plain_epochs(make_spec(world, epochs, gpu, tempfile.mkdtemp(), samples), rank, world, wrap)
     if rank == 0:
         Path(out).write_text(json.dumps(times))
     dist.destroy_process_group()
 
 
-def torchrun_epochs(epochs: int, gpu: bool, threads: int) -> list[float]:
+def torchrun_epochs(epochs: int, gpu: bool, threads: int, samples: int) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "ddp.json"
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
         subprocess.run([
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(Path(__file__).resolve()), "--ddp-child", str(out), "--epochs", str(epochs), *(["--gpu"] if gpu else []),
+            str(Path(__file__).resolve()), "--ddp-child", str(out), "--epochs", str(epochs), "--samples", str(samples), *(["--gpu"] if gpu else []),
         ], check=True, env=env, capture_output=True)
         return json.loads(out.read_text())
 
 
-def ray_epochs(workers: int, epochs: int, gpu: bool) -> list[float]:
+def ray_epochs(workers: int, epochs: int, gpu: bool, samples: int) -> list[float]:
     from visionray.train import fit_with_progress
 
     times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
-        fit_with_progress(make_spec(workers, epochs, gpu, tmp), lambda item: times.append(item["metrics"]["epoch_s"]) if "metrics" in item else None)
+        fit_with_progress(make_spec(workers, epochs, gpu, tmp, samples), lambda item: times.append(item["metrics"]["epoch_s"]) if "metrics" in item else None)
     return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=4096, help="synthetic 32x32 images (5%% held out)")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--out", default=str(HERE / "results" / "train_overhead.json"))
     parser.add_argument("--ddp-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ddp_child:
-        return ddp_child(args.ddp_child, args.epochs, args.gpu)
+        return ddp_child(args.ddp_child, args.epochs, args.gpu, args.samples)
 
     import ray
     from rich.console import Console
@@ -102,18 +106,23 @@ def main() -> None:
 
     threads = 1  # Ray gives each 1-CPU worker OMP_NUM_THREADS=1; the plain runs match it
     torch.set_num_threads(threads)
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu: torch sees no CUDA device here")
+    two = not args.gpu or torch.cuda.device_count() >= 2  # NCCL runs one rank per GPU
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        plain1 = plain_epochs(make_spec(1, args.epochs, args.gpu, tmp))
-    ddp2 = torchrun_epochs(args.epochs, args.gpu, threads)
+        plain1 = plain_epochs(make_spec(1, args.epochs, args.gpu, tmp, args.samples))
+    ddp2 = torchrun_epochs(args.epochs, args.gpu, threads, args.samples) if two else None
     ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=True, dashboard_host="127.0.0.1",
              log_to_driver=False, logging_level="ERROR")
     try:
-        ray1 = ray_epochs(1, args.epochs, args.gpu)
-        ray2 = ray_epochs(2, args.epochs, args.gpu)
+        ray1 = ray_epochs(1, args.epochs, args.gpu, args.samples)
+        ray2 = ray_epochs(2, args.epochs, args.gpu, args.samples) if two else None
     finally:
         ray.shutdown()
     for name, plain, under_ray in (("1 worker", plain1, ray1), ("2 workers (DDP)", ddp2, ray2)):
+        if plain is None:
+            continue
         rows.append({
             "config": name, "plain_epoch_s": steady(plain), "ray_epoch_s": steady(under_ray),
             "ratio": steady(under_ray) / steady(plain), "plain_all": plain, "ray_all": under_ray,
@@ -124,9 +133,12 @@ def main() -> None:
     for r in rows:
         table.add_row(r["config"], f"{r['plain_epoch_s']:.3f}", f"{r['ray_epoch_s']:.3f}", f"{r['ratio']:.3f}")
     Console().print(table)
+    if not two:
+        Console().print(f"2-worker rows skipped: {torch.cuda.device_count()} GPU here, NCCL needs one per rank")
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU x{os.cpu_count()}"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": device, "versions": versions(), "epochs": args.epochs, "rows": rows}, indent=2))
+    Path(args.out).write_text(json.dumps({"device": device, "versions": versions(), "epochs": args.epochs,
+                                           "samples": args.samples, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
