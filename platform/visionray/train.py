@@ -207,15 +207,36 @@ def _first_images(spec: TrainSpec, data, preset) -> torch.Tensor:
     return torch.stack([tf(im) for im in images])
 
 
-def _warm_up(model: nn.Module, criterion: nn.Module, batches: Iterable, rt: Runtime) -> float:
-    """Compile the model on one forward and backward pass, then put the weights back, so that
-    epoch timings measure steady-state steps only. Returns the seconds spent."""
+def _first_and_last(batches: Iterable, whole: bool) -> list:
+    """The first and the last batch of an epoch (only the first unless ``whole``): the batch shapes
+    a compiled model meets. Always two entries when there is a batch, so DDP ranks stay in step."""
+    it = iter(batches)
+    first = next(it, None)
+    if first is None:
+        return []
+    last = first
+    if whole:
+        for last in it:
+            pass
+    return [first, last]
+
+
+def _warm_up(worker: "Worker") -> float:
+    """Compile every graph an epoch needs (the training step and the evaluation, with TTA, on the
+    first and the last batch shapes), then put the weights and buffers back, so that epoch timings
+    measure steady-state steps only. Returns the seconds spent."""
+    model, rt = worker.model, worker.rt
     start = time.perf_counter()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    images, labels = rt.to_device(*next(iter(batches)))
-    with rt.autocast():
-        criterion(model(images), labels).backward()
+    train, val = worker.batches(0)
+    whole = worker.data is not None  # a streaming shard is not read twice
+    model.train()
+    for images, labels in _first_and_last(train, whole):
+        images, labels = rt.to_device(images, labels)
+        with rt.autocast():
+            worker.criterion(model(images), labels).backward()
     model.zero_grad(set_to_none=True)
+    evaluate(model, _first_and_last(val, whole), rt, len(worker.classes), worker.spec.evaluation.tta)
     model.load_state_dict(state)
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
@@ -288,7 +309,7 @@ class Worker:
         self.compile_s = None
         if spec.scaling.compile:
             self.model = torch.compile(self.model)
-            self.compile_s = _warm_up(self.model, self.criterion, self.batches(0)[0], rt)
+            self.compile_s = _warm_up(self)
 
     def batches(self, epoch: int):
         return _epoch_batches(self.spec, self.data, self.transforms, self.rank, self.world, epoch)
