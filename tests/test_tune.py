@@ -46,6 +46,8 @@ def test_shipped_specs_validate():
     cifar = vtune.load_search_spec(CIFAR)
     assert cifar.resources.gpus_per_worker == 0.25
     assert cifar.base.data.source == "cifar10"
+    pbt = vtune.load_search_spec(REPO / "tune" / "pbt-lr-augment.yaml")
+    assert pbt.scheduler.name == "pbt" and {"optim.lr", "augment", "augment.randaugment.m"} <= set(pbt.search.space)
 
 
 @pytest.mark.parametrize(
@@ -56,7 +58,17 @@ def test_shipped_specs_validate():
         (["search.space.optim.lr.loguniform=[0,0.1]"], "loguniform"),
         (["search.space.optim.lr.uniform=[0.1,0.01]"], "low must be below high"),
         (["search.space.augment.choice=[nope]"], "search.space.augment"),
-        (["scheduler.name=pbt"], "scheduler.name"),
+        (["scheduler.name=pbs"], "scheduler.name"),
+        (["scheduler.name=pbt"], "search.space model.depth cannot change"),
+        (["scheduler.name=pbt", "search.space={optim.lr: {loguniform: [0.001, 0.1]}}", "resources.workers=2"],
+         "set resources.workers: 1"),
+        (["scheduler.name=pbt", "search.space={optim.lr: {loguniform: [0.001, 0.1]}}", "search.algorithm=optuna", "resources.workers=1"],
+         "not optuna"),
+        (["scheduler.name=pbt", "search.space={optim.lr: {loguniform: [0.001, 0.1]}}", "search.num_samples=1", "resources.workers=1"],
+         "needs a population"),
+        (["scheduler={name: pbt, perturbation_interval: 12}", "search.space={optim.lr: {loguniform: [0.001, 0.1]}}",
+          "resources.workers=1"],
+         "perturbation_interval=12"),
         (["scheduler.grace_period=0"], "scheduler.grace_period"),
         (["search.num_samples=0"], "search.num_samples"),
         (["search.algorithm=bayes"], "search.algorithm"),
@@ -147,6 +159,8 @@ def test_param_space_and_grid_size(tmp_path):
         (["scheduler={name: hyperband, reduction_factor: 3}"], "HyperBandScheduler", "BasicVariantGenerator"),
         (["scheduler={name: median, grace_period: 2}"], "MedianStoppingRule", "BasicVariantGenerator"),
         (["scheduler={name: fifo}", "search.algorithm=optuna"], "FIFOScheduler", "OptunaSearch"),
+        (["scheduler={name: pbt}", "search.space={optim.lr: {loguniform: [0.001, 0.1]}, augment: {choice: [none, randaugment]}}",
+          "resources.workers=1"], "PopulationBasedTraining", "BasicVariantGenerator"),
     ],
 )
 def test_schedulers_and_search_algorithms(overrides, scheduler_cls, searcher_cls):
@@ -155,6 +169,43 @@ def test_schedulers_and_search_algorithms(overrides, scheduler_cls, searcher_cls
     assert type(scheduler).__name__ == scheduler_cls
     assert getattr(scheduler, "_time_attr", "epoch") == "epoch"  # trials restarted mid-run keep counting epochs
     assert type(vtune.build_search_alg(spec)).__name__ == searcher_cls
+
+
+def test_pbt_mutations_cover_the_space_and_trials_hold_their_worker_resources():
+    spec = vtune.load_search_spec(QUICK, [
+        "scheduler={name: pbt, perturbation_interval: 2}", "resources={workers: 1, cpus_per_worker: 1}",
+        "search.space={optim.lr: {loguniform: [0.001, 0.1]}, augment: {choice: [none, randaugment]}, "
+        "augment.randaugment.m: {randint: [5, 12]}}",
+    ])
+    mutations = vtune.build_scheduler(spec)._hyperparam_mutations
+    assert set(mutations) == set(spec.search.space) and mutations["augment"] == ["none", "randaugment"]
+    resources = vtune._trainable(spec)._resources  # the trial process runs the loop itself
+    assert resources.required_resources == {"CPU": 1.0}
+
+
+def test_restored_worker_keeps_its_own_learning_rate(tmp_path):
+    """PBT continues another trial's checkpoint with perturbed values: the optimiser and schedule
+    state come from the checkpoint, the hyperparameters from the trial's own spec."""
+    import torch
+
+    from visionray.specs import load_spec
+    from visionray.train import Worker
+
+    base = ["data.limit=200", "optim.epochs=3", "optim.lr=0.01", "optim.weight_decay=0.001", "scaling.workers=1"]
+    donor = Worker(load_spec(REPO / "jobs" / "quickstart.yaml", base), 0, 1, torch.device("cpu"))
+    metrics = donor.run_epoch(0)
+    donor.save(tmp_path, metrics, 1)
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", [*base, "optim.lr=0.03", "optim.weight_decay=0.002"])
+    taker = Worker(spec, 0, 1, torch.device("cpu"), restore_dir=tmp_path)
+    factor = taker.scheduler.lr_lambdas[0](taker.scheduler.last_epoch)
+    assert taker.start_epoch == 1 and taker.scheduler.last_epoch == donor.scheduler.last_epoch > 0
+    ratio = taker.optimizer.param_groups[0]["initial_lr"] / donor.optimizer.param_groups[0]["initial_lr"]
+    assert ratio == pytest.approx(3.0)
+    assert taker.optimizer.param_groups[0]["lr"] == pytest.approx(taker.optimizer.param_groups[0]["initial_lr"] * factor)
+    assert taker.optimizer.param_groups[0]["weight_decay"] == 0.002 and taker.optimizer.param_groups[1]["weight_decay"] == 0.0
+    assert taker.optimizer.state and len(taker.optimizer.state) == len(donor.optimizer.state)  # moments carried over
+    for a, b in zip(donor.model.state_dict().values(), taker.model.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 # --------------------------------------------------------------------------- best-trial selection
@@ -307,3 +358,28 @@ def test_trial_whose_worker_dies_is_retried_and_finishes(ray_cluster, tmp_path, 
     assert killed, "no trial worker was killed"
     assert len(out.trials) == 1 and out.trials[0].status == "completed"
     assert rows[-1][0].retries >= 1 and rows[-1][0].epoch == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_pbt_search_exploits_and_records_a_loadable_best(ray_cluster, tmp_path):
+    """Population-based training on digits: trials in the bottom quantile take a top trial's
+    checkpoint and perturbed values; the best model loads and predicts."""
+    from visionray.checkpoint import load_model
+    from visionray.evaluate import evaluate_checkpoint
+
+    spec = _search(tmp_path, "pbt", [
+        "scheduler={name: pbt, perturbation_interval: 1, quantile_fraction: 0.5, max_epochs: 4}",
+        "search.space={optim.lr: {loguniform: [0.0001, 0.05]}, augment: {choice: [none, randaugment]}}",
+        "search.num_samples=4", "search.max_concurrent_trials=4", "resources={workers: 1, cpus_per_worker: 0.5}",
+    ])
+    out = vtune.run_search(spec)
+
+    assert not out.interrupted and len(out.trials) == 4
+    assert all(t.status == "completed" and t.epochs == 4 for t in out.trials)
+    exp = Path(out.experiment_dir)
+    exploits = (exp / "pbt_global.txt").read_text().splitlines() if (exp / "pbt_global.txt").exists() else []
+    assert exploits, "no trial took another's checkpoint"
+    model, meta = load_model(json.loads((exp / vtune.BEST_JSON).read_text())["checkpoint"])
+    assert meta["metrics"]["val_acc"] == pytest.approx(out.best.best_value)
+    assert evaluate_checkpoint(model, meta, "val").top1 > 0.5

@@ -298,9 +298,7 @@ class Worker:
         if restore_dir is not None:
             state = ckpt.load_train_state(restore_dir, device)
             model.load_state_dict(ckpt.load_model(restore_dir, device)[0].state_dict())
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.scaler.load_state_dict(state["scaler"])
+            self._restore_optimisation(state)
             self.start_epoch = state["epoch"]
         elif hasattr(model, "init_whitening") and data is not None:  # data-dependent init (airbench's whitening)
             model.init_whitening(_first_images(spec, data, preset).to(device))
@@ -310,6 +308,19 @@ class Worker:
         if spec.scaling.compile:
             self.model = torch.compile(self.model)
             self.compile_s = _warm_up(self)
+
+    def _restore_optimisation(self, state: dict[str, Any]) -> None:
+        """Load optimiser, schedule and scaler state, keeping this spec's hyperparameters (lr, weight
+        decay, momentum): the same values on a plain resume; the new ones when population-based
+        training continues another trial's checkpoint with perturbed values."""
+        spec_groups = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        for group, spec_group, factor in zip(self.optimizer.param_groups, spec_groups, self.scheduler.lr_lambdas):
+            group.update(spec_group)
+            group["lr"] = group["initial_lr"] * factor(self.scheduler.last_epoch)
+        self.scheduler.base_lrs = [g["initial_lr"] for g in self.optimizer.param_groups]
 
     def batches(self, epoch: int):
         return _epoch_batches(self.spec, self.data, self.transforms, self.rank, self.world, epoch)
@@ -354,14 +365,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy="ddp" if world > 1 else None),
             restore_dir=Path(restore_dir) if restore_dir else None, stream=config.get("stream"),
         )
-    for epoch in range(worker.start_epoch, spec.optim.epochs):
+    run_epochs(worker, lambda metrics, directory, epoch: ray.train.report(
+        metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
+        checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}",
+    ))
+
+
+def run_epochs(worker: Worker, report: Callable[[dict[str, Any], Path | None, int], None]) -> None:
+    """The epoch loop of Ray Train workers and of in-process Tune trials: train and evaluate each
+    epoch from the worker's start, then ``report(metrics, checkpoint directory or None, epochs done)``
+    (the directory holds a checkpoint on rank 0 when one is due, and is gone after the call)."""
+    for epoch in range(worker.start_epoch, worker.spec.optim.epochs):
         metrics = worker.run_epoch(epoch)
         with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0 and worker.checkpoint_due(epoch):
+            directory = None
+            if worker.rank == 0 and worker.checkpoint_due(epoch):
                 worker.save(Path(tmp), metrics, epoch + 1)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_epoch_{epoch + 1:04d}")
+                directory = Path(tmp)
+            report(metrics, directory, epoch + 1)
 
 
 # --------------------------------------------------------------------------- the driver

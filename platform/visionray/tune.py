@@ -61,6 +61,7 @@ BEST_DIR = "best"  # a copy of the best trial's best checkpoint (model.safetenso
 PLOT_PNG = "search.png"
 TRIAL_RUN_NAME = "train"  # the inner Ray Train run inside each trial's directory
 TRIAL_DRIVER_MEMORY = 64 * 2**20  # bytes reserved by each trial's driver function (it holds no CPU)
+PBT_KEEP = 4  # latest checkpoints Tune keeps per PBT trial (Ray warns that 2 or fewer break exploits)
 
 SELECTION_RULE = (
     "each trial's best epoch by the metric (ties: earlier epoch); trials ranked by that value, "
@@ -144,13 +145,36 @@ class MedianSpec(Strict):
     min_samples_required: int = Field(3, ge=1, description="trials needed before the median is trusted")
 
 
+class PbtSpec(Strict):
+    """Population-based training: every ``perturbation_interval`` epochs a trial in the bottom
+    quantile continues from a top trial's checkpoint with perturbed hyperparameters, so the
+    population learns a schedule for the learning rate, regularisation and augmentation. Each trial
+    runs the training loop in its own process (one worker) and hands Tune a checkpoint every epoch."""
+
+    name: Literal["pbt"] = "pbt"
+    perturbation_interval: int = Field(2, ge=1, description="epochs between exploit/explore steps of a trial")
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5, description="bottom fraction that copies the top fraction")
+    resample_probability: float = Field(
+        0.25, ge=0, le=1, description="chance a value is redrawn from its distribution instead of scaled by 0.8 or 1.2"
+    )
+    max_epochs: int | None = Field(None, ge=1, le=10_000, description="epochs of every trial; default: base optim.epochs")
+
+
+# What population-based training may change while a trial continues another trial's weights.
+PBT_MUTABLE = ("optim.lr", "optim.weight_decay", "optim.momentum", "optim.label_smoothing", "augment", "augment.<op>.<param>")
+
+
+def _pbt_mutable(key: str) -> bool:
+    return key in PBT_MUTABLE or key.startswith("augment.")
+
+
 class FifoSpec(Strict):
     """No early stopping: every trial runs all its epochs."""
 
     name: Literal["fifo"] = "fifo"
 
 
-SchedulerSpec = AshaSpec | HyperBandSpec | MedianSpec | FifoSpec
+SchedulerSpec = AshaSpec | HyperBandSpec | MedianSpec | PbtSpec | FifoSpec
 
 
 class TrialResources(Strict):
@@ -251,6 +275,8 @@ class SearchSpec(Strict):
         max_epochs = getattr(sched, "max_epochs", None)
         if isinstance(sched, AshaSpec) and sched.grace_period > self.max_epochs:
             raise ValueError(f"scheduler.grace_period={sched.grace_period} exceeds max_epochs={self.max_epochs}")
+        if isinstance(sched, PbtSpec):
+            self._check_pbt(sched)
         try:
             trial_spec(self, {}, storage="/tmp", name="validate")
         except SpecError as exc:
@@ -264,6 +290,27 @@ class SearchSpec(Strict):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _check_pbt(self, sched: PbtSpec) -> None:
+        fixed = [k for k in self.search.space if not _pbt_mutable(k)]
+        if fixed:
+            raise ValueError(
+                f"scheduler pbt: search.space {', '.join(fixed)} cannot change while a trial continues another "
+                f"trial's weights; PBT varies {', '.join(PBT_MUTABLE)} (search the others with asha, hyperband or median)"
+            )
+        if not self.search.space:
+            raise ValueError("scheduler pbt: search.space is empty; give it at least one of " + ", ".join(PBT_MUTABLE))
+        workers = self.resources.workers or self.base.scaling.workers
+        if workers != 1:
+            raise ValueError(f"scheduler pbt runs each trial in one process: workers={workers}; set resources.workers: 1")
+        if self.search.algorithm == "optuna":
+            raise ValueError("scheduler pbt proposes its own values: use search.algorithm random or grid, not optuna")
+        if self.expected_trials() < 2:
+            raise ValueError(f"scheduler pbt needs a population: num_samples={self.search.num_samples}; use 2 or more")
+        if sched.perturbation_interval >= self.max_epochs:
+            raise ValueError(
+                f"scheduler.perturbation_interval={sched.perturbation_interval} must be below max_epochs={self.max_epochs}"
+            )
 
     @property
     def max_epochs(self) -> int:
@@ -407,7 +454,7 @@ def _format_errors(exc: ValidationError) -> list[str]:
         if err["type"] == "union_tag_invalid" and err["loc"][:1] == ("scheduler",):
             line = f"scheduler.name: unknown scheduler {err['ctx']['tag']!r}; allowed: {err['ctx']['expected_tags']}"
         elif err["type"] == "union_tag_not_found" and err["loc"][:1] == ("scheduler",):
-            line = "scheduler.name: missing; allowed: 'asha', 'hyperband', 'median', 'fifo'"
+            line = "scheduler.name: missing; allowed: 'asha', 'hyperband', 'median', 'pbt', 'fifo'"
         if err["loc"][:1] == ("scheduler",) and len(err["loc"]) > 1:  # drop the union's tag from the path
             line = line.replace(f"scheduler.{err['loc'][1]}.", "scheduler.", 1)
         lines.append(line.removeprefix("(top level): "))
@@ -422,22 +469,26 @@ def is_search_spec(raw: dict[str, Any]) -> bool:
 # --------------------------------------------------------------------------- Tune objects
 
 
+def _sampler(d: Dist):
+    from ray import tune
+
+    if d.kind in ("choice", "grid"):
+        return tune.choice(list(getattr(d, d.kind)))
+    if d.kind == "uniform":
+        return tune.uniform(*d.uniform)
+    if d.kind == "loguniform":
+        return tune.loguniform(*d.loguniform)
+    return tune.randint(d.randint[0], d.randint[1] + 1)  # Ray's upper bound is exclusive
+
+
 def param_space(spec: SearchSpec) -> dict[str, Any]:
     from ray import tune
 
-    space: dict[str, Any] = {}
-    for key, d in spec.search.space.items():
-        if d.kind == "grid" or (spec.search.algorithm == "grid" and d.kind == "choice"):
-            space[key] = tune.grid_search(list(getattr(d, d.kind)))
-        elif d.kind == "choice":
-            space[key] = tune.choice(list(d.choice))
-        elif d.kind == "uniform":
-            space[key] = tune.uniform(*d.uniform)
-        elif d.kind == "loguniform":
-            space[key] = tune.loguniform(*d.loguniform)
-        else:
-            space[key] = tune.randint(d.randint[0], d.randint[1] + 1)  # Ray's upper bound is exclusive
-    return space
+    return {
+        key: tune.grid_search(list(getattr(d, d.kind)))
+        if d.kind == "grid" or (spec.search.algorithm == "grid" and d.kind == "choice") else _sampler(d)
+        for key, d in spec.search.space.items()
+    }
 
 
 def build_search_alg(spec: SearchSpec):
@@ -451,7 +502,13 @@ def build_search_alg(spec: SearchSpec):
 
 
 def build_scheduler(spec: SearchSpec):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler, MedianStoppingRule
+    from ray.tune.schedulers import (
+        ASHAScheduler,
+        FIFOScheduler,
+        HyperBandScheduler,
+        MedianStoppingRule,
+        PopulationBasedTraining,
+    )
 
     s = spec.scheduler
     if isinstance(s, AshaSpec):
@@ -463,6 +520,13 @@ def build_scheduler(spec: SearchSpec):
     if isinstance(s, MedianSpec):
         return MedianStoppingRule(
             time_attr="epoch", grace_period=s.grace_period, min_samples_required=s.min_samples_required
+        )
+    if isinstance(s, PbtSpec):
+        return PopulationBasedTraining(
+            time_attr="epoch", perturbation_interval=s.perturbation_interval, quantile_fraction=s.quantile_fraction,
+            resample_probability=s.resample_probability,
+            hyperparam_mutations={k: (list(getattr(d, d.kind)) if d.kind in ("choice", "grid") else _sampler(d))
+                                  for k, d in spec.search.space.items()},
         )
     return FIFOScheduler()
 
@@ -486,6 +550,29 @@ def run_trial(config: dict[str, Any], search: SearchSpec) -> None:
     build_trainer(spec, callbacks=[TuneReportCallback()]).fit()
 
 
+def run_trial_in_process(config: dict[str, Any], search: SearchSpec) -> None:
+    """One population-based-training trial: the same ``Worker`` and epoch loop as ``visionray
+    train``, run in the trial's process, reporting every epoch with a Tune checkpoint that PBT can
+    hand to another trial. A trial started from a checkpoint (its own, or a better trial's after an
+    exploit step) continues from that epoch with this trial's current hyperparameters."""
+    import contextlib
+
+    import torch
+    from ray import tune
+
+    from visionray.train import Worker, run_epochs
+
+    trial_dir = Path(tune.get_context().get_trial_dir()).name
+    spec = trial_spec(search, config, storage=f"{experiment_dir(search)}/{trial_dir}")
+    device = torch.device("cuda" if spec.scaling.gpu else "cpu")
+    restored = tune.get_checkpoint()
+    with restored.as_directory() if restored else contextlib.nullcontext() as restore_dir:
+        worker = Worker(spec, 0, 1, device, restore_dir=Path(restore_dir) if restore_dir else None)
+    run_epochs(worker, lambda metrics, directory, epoch: tune.report(
+        metrics, checkpoint=tune.Checkpoint.from_directory(directory) if directory else None,
+    ))
+
+
 def trial_dirname(trial) -> str:
     """``trial_<id>``: short, stable directory names (the config is in trials.csv, not in paths)."""
     return f"trial_{trial.trial_id}"
@@ -493,6 +580,12 @@ def trial_dirname(trial) -> str:
 
 def _trainable(spec: SearchSpec):
     from ray import tune
+
+    if isinstance(spec.scheduler, PbtSpec):  # the loop runs in the trial: it holds the worker's resources
+        scaling = trial_spec(spec, {}, storage="/tmp", name="resources").scaling
+        gpus = scaling.resources_per_worker.get("GPU", 1.0) if scaling.gpu else 0.0
+        return tune.with_resources(tune.with_parameters(run_trial_in_process, search=spec),
+                                   {"cpu": scaling.cpus_per_worker, "gpu": gpus})
 
     # The trial function only drives its TorchTrainer: no CPU of its own (Ray needs some resource in
     # a bundle, so a little memory), the inner workers get the cores, max_concurrent_trials bounds
@@ -668,7 +761,7 @@ def _summarise(spec: SearchSpec, result, trial, max_epochs: int) -> TrialSummary
         best_epoch, best_value = int(top["epoch"]), float(top[spec.metric])
         last_value = float(df.iloc[-1][spec.metric])
         finished = float(df["timestamp"].max()) if "timestamp" in df.columns else None
-        ckpt_path = _checkpoint_for(ranked)
+        ckpt_path = _checkpoint_for(ranked, result)
     epochs = int(df["epoch"].max()) if "epoch" in df.columns and len(df) else 0
     error = None
     if result.error is not None or tune_status == "ERROR":
@@ -691,11 +784,15 @@ def _summarise(spec: SearchSpec, result, trial, max_epochs: int) -> TrialSummary
     )
 
 
-def _checkpoint_for(ranked) -> str | None:
-    """The checkpoint of the best-ranked epoch that still exists (the inner run keeps the best few)."""
-    if "checkpoint_path" not in ranked.columns:
-        return None
-    for p in ranked["checkpoint_path"]:
+def _checkpoint_for(ranked, result) -> str | None:
+    """The checkpoint of the best-ranked epoch that still exists (the inner run keeps the best few;
+    in-process PBT trials report theirs to Tune, which keeps the latest few)."""
+    if "checkpoint_path" in ranked.columns:
+        paths = list(ranked["checkpoint_path"])
+    else:
+        by_epoch = {m.get("epoch"): c.path for c, m in (result.best_checkpoints or [])}
+        paths = [by_epoch.get(e) for e in ranked["epoch"]]
+    for p in paths:
         if isinstance(p, str) and "://" not in p and (Path(p) / ckpt.METADATA_FILE).exists():
             return p
     return None
@@ -896,6 +993,8 @@ def run_search(
                 run_config=tune.RunConfig(
                     name=spec.output.name, storage_path=exp.rsplit("/", 1)[0],
                     failure_config=tune.FailureConfig(max_failures=spec.failure.max_retries),
+                    # PBT trials hand Tune their checkpoints; PBT copies the latest ones between trials
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=max(PBT_KEEP, spec.base.checkpoint.keep)),
                     callbacks=[ProgressCallback(spec.metric, spec.mode)],
                     verbose=0,
                 ),
