@@ -6,7 +6,9 @@ plus the parameters of their ops, such as randaugment's n and m), learning rate,
 batch size, optimiser. Every trial is a Tune function trainable that derives its own
 ``TrainSpec`` (validated, never a dict inward), builds the same ``TorchTrainer`` as ``visionray
 train`` (``visionray.train.build_trainer``) inside the trial's directory and reports every epoch
-to Tune through ``TuneReportCallback``. Schedulers stop trials on the ``epoch`` metric, so a trial
+to Tune through ``TuneReportCallback``; under population-based training (``pbt``) a trial runs the
+same ``Worker`` and epoch loop in its own process instead and reports a Tune checkpoint every epoch,
+which PBT copies between trials. Schedulers stop trials on the ``epoch`` metric, so a trial
 that Tune restarts (a retry, a resume, a HyperBand pause) continues its inner run from its latest
 checkpoint and keeps counting epochs where it left off.
 
