@@ -39,6 +39,8 @@ from starlette.requests import Request
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak import encode, free_port, photo, register_untrained  # noqa: E402  (benchmarks/soak.py)
 
+from visionray.serve.config import BatchSpec  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 MODELS = {  # name -> (architecture, kwargs, channels, image size in px)
     "seed_cnn": ("seed_cnn", {}, 3, 224),
@@ -201,7 +203,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per measured phase (c=1 phases: half)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight in the throughput phases")
     parser.add_argument("--batch", type=int, default=16, help="max batch size of (a), and (c)'s batch")
-    parser.add_argument("--batch-wait-s", type=float, default=0.01, help="(a)'s batch wait (s)")
+    parser.add_argument("--batch-wait-s", type=float, default=BatchSpec().wait_s, help="(a)'s batch wait (s); default: the product's")
     parser.add_argument("--plain-replicas", type=int, default=2,
                         help="replicas of (b): as many model-holding processes as (a) has replicas")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
