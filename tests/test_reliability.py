@@ -459,9 +459,9 @@ def test_local_jobs_api_requires_rays_token(local_cluster_probe):
 @pytest.mark.xfail(strict=True, reason=(
     "init_ray's _node_ip_address='127.0.0.1' is replaced by the host's routable IP in Ray 2.60 "
     "(services.resolve_ip_for_localhost), so the GCS, raylet and workers listen on '::', the metrics "
-    "exporter on 0.0.0.0 and the runtime-env agent on the external IP. Setting "
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in init_ray's local branch before ray.init keeps every "
-    "listener on loopback (measured): then remove this mark."))
+    "exporter on 0.0.0.0 and the runtime-env agent on the external IP. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 "
+    "would resolve to loopback, but Ray reads it when `ray` is imported, so setting it in init_ray "
+    "changes nothing (tried); remove this mark when Ray keeps _node_ip_address as given."))
 def test_every_listener_of_a_local_cluster_is_on_loopback(local_cluster_probe):
     exposed = [entry for entry in local_cluster_probe["listening"] if entry[2] not in _LOOPBACK]
     assert local_cluster_probe["listening"] and not exposed, exposed

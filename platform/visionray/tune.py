@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -1005,7 +1006,9 @@ def run_search(
                     verbose=0,
                 ),
             )
-        grid = tuner.fit()
+        with warnings.catch_warnings():  # Tune's hint to reuse actors does not apply to function trainables
+            warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
+            grid = tuner.fit()
     finally:
         _LISTENER.clear()
     return collect(spec, grid, time.time() - start)
