@@ -380,6 +380,10 @@ def test_pbt_search_exploits_and_records_a_loadable_best(ray_cluster, tmp_path):
     exp = Path(out.experiment_dir)
     exploits = (exp / "pbt_global.txt").read_text().splitlines() if (exp / "pbt_global.txt").exists() else []
     assert exploits, "no trial took another's checkpoint"
-    model, meta = load_model(json.loads((exp / vtune.BEST_JSON).read_text())["checkpoint"])
+    best = json.loads((exp / vtune.BEST_JSON).read_text())
+    assert set(best["pbt_schedule"]) == {"policy_file", "exploits"}
+    for step in best["pbt_schedule"]["exploits"]:  # the best trial's learned schedule, if it was exploited
+        assert set(step["new_config"]) == set(spec.search.space) and step["donor_reports"] >= 1
+    model, meta = load_model(best["checkpoint"])
     assert meta["metrics"]["val_acc"] == pytest.approx(out.best.best_value)
     assert evaluate_checkpoint(model, meta, "val").top1 > 0.5

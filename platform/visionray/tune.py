@@ -871,8 +871,24 @@ def record_best(spec: SearchSpec, best: TrialSummary, exp_path: Path) -> Path:
         "source_checkpoint": best.checkpoint, "metric": spec.metric, "mode": spec.mode, "value": best.best_value,
         "epoch": best.best_epoch, "num_params": best.num_params, "params": best.params, "selection": SELECTION_RULE,
         "spec": meta.get("spec"),
+        **({"pbt_schedule": pbt_schedule(exp_path, best.trial_id)} if isinstance(spec.scheduler, PbtSpec) else {}),
     }, indent=2, default=str))
     return target
+
+
+def pbt_schedule(exp_path: Path, trial_id: str) -> dict[str, Any]:
+    """The lineage of a trial's weights under PBT, oldest first: each time a trial (this one or one
+    it copied) continued another's checkpoint, with Tune's report counts (one report per epoch)
+    and the configs before and after, read from Tune's ``pbt_policy_<trial>.txt``. That file
+    replays the schedule in a new run: ``ray.tune.schedulers.PopulationBasedTrainingReplay``."""
+    policy = exp_path / f"pbt_policy_{trial_id}.txt"
+    steps = []
+    if policy.exists():
+        for line in policy.read_text().splitlines():
+            trial, donor, trial_reports, donor_reports, donor_config, new_config = json.loads(line)
+            steps.append({"trial": trial, "copied": donor, "trial_reports": trial_reports,
+                          "donor_reports": donor_reports, "donor_config": donor_config, "new_config": new_config})
+    return {"policy_file": str(policy) if policy.exists() else None, "exploits": steps}
 
 
 def write_csv(spec: SearchSpec, trials: list[TrialSummary], path: Path) -> Path:
