@@ -176,13 +176,7 @@ def _epoch_batches(spec: TrainSpec, data, transforms, rank: int, world: int, epo
             vdata.iter_stream(ray.train.get_dataset_shard("train"), bs, train_tf, shuffle_seed=spec.seed * 1000 + epoch * 10 + rank),
             vdata.iter_stream(ray.train.get_dataset_shard("val"), bs, eval_tf),
         )
-    bs, workers = spec.optim.batch_size, spec.data.loader_workers
-    n = len(data.train)
-    steps = vdata.steps_per_epoch(n, world, bs)
-    train_idx = vdata.shard_indices(n, rank, world, spec.seed, epoch)
-    val_idx = np.array_split(np.arange(len(data.val)), world)[rank]
-    train_chunks = vdata.batch_chunks(train_idx, steps, bs)
-    val_chunks = [val_idx[i:i + bs] for i in range(0, len(val_idx), bs)]
+    train_chunks, val_chunks = _epoch_chunks(spec, data, rank, world, epoch)
     if spec.data.pipeline == "batched":  # data already on the device and preprocessed (see Worker)
         preset, augment = train_tf
         dev = data.train.images.device
@@ -193,8 +187,19 @@ def _epoch_batches(spec: TrainSpec, data, transforms, rank: int, world: int, epo
              for c in (torch.as_tensor(c, device=dev) for c in val_chunks)),
         )
     return (
-        vdata.loader(data.train, train_tf, train_chunks, workers, spec.seed + epoch),
-        vdata.loader(data.val, eval_tf, val_chunks or [val_idx], workers, 0),
+        vdata.loader(data.train, train_tf, train_chunks, spec.data.loader_workers, spec.seed + epoch),
+        vdata.loader(data.val, eval_tf, val_chunks or [np.arange(0)], spec.data.loader_workers, 0),
+    )
+
+
+def _epoch_chunks(spec: TrainSpec, data, rank: int, world: int, epoch: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """This worker's index chunks of the in-memory train and val splits, one per batch."""
+    bs, n = spec.optim.batch_size, len(data.train)
+    train_idx = vdata.shard_indices(n, rank, world, spec.seed, epoch)
+    val_idx = np.array_split(np.arange(len(data.val)), world)[rank]
+    return (
+        vdata.batch_chunks(train_idx, vdata.steps_per_epoch(n, world, bs), bs),
+        [val_idx[i:i + bs] for i in range(0, len(val_idx), bs)],
     )
 
 
@@ -207,36 +212,38 @@ def _first_images(spec: TrainSpec, data, preset) -> torch.Tensor:
     return torch.stack([tf(im) for im in images])
 
 
-def _first_and_last(batches: Iterable, whole: bool) -> list:
-    """The first and the last batch of an epoch (only the first unless ``whole``): the batch shapes
-    a compiled model meets. Always two entries when there is a batch, so DDP ranks stay in step."""
-    it = iter(batches)
-    first = next(it, None)
+def _warm_batches(batches: Iterable, last_size: int | None) -> list:
+    """The first batch of an epoch and that batch resized to the epoch's last batch size: the batch
+    shapes a compiled model meets, without reading the whole epoch. Always two entries when there
+    is a batch, so DDP ranks stay in step."""
+    first = next(iter(batches), None)
     if first is None:
         return []
-    last = first
-    if whole:
-        for last in it:
-            pass
-    return [first, last]
+    images, labels = first
+    size = last_size or len(labels)
+    reps = -(-size // len(labels))  # the last batch may be larger than the first (it takes the remainder)
+    return [first, (images.repeat(reps, *[1] * (images.dim() - 1))[:size], labels.repeat(reps)[:size])]
 
 
 def _warm_up(worker: "Worker") -> float:
-    """Compile every graph an epoch needs (the training step and the evaluation, with TTA, on the
-    first and the last batch shapes), then put the weights and buffers back, so that epoch timings
+    """Compile every graph an epoch needs (the training step and the evaluation, with TTA, at the
+    first and the last batch sizes), then put the weights and buffers back, so that epoch timings
     measure steady-state steps only. Returns the seconds spent."""
     model, rt = worker.model, worker.rt
     start = time.perf_counter()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     train, val = worker.batches(0)
-    whole = worker.data is not None  # a streaming shard is not read twice
+    last_train = last_val = None  # a streaming shard's batch sizes are not known ahead
+    if worker.data is not None:
+        train_chunks, val_chunks = _epoch_chunks(worker.spec, worker.data, worker.rank, worker.world, 0)
+        last_train, last_val = len(train_chunks[-1]), len(val_chunks[-1]) if val_chunks else None
     model.train()
-    for images, labels in _first_and_last(train, whole):
+    for images, labels in _warm_batches(train, last_train):
         images, labels = rt.to_device(images, labels)
         with rt.autocast():
             worker.criterion(model(images), labels).backward()
     model.zero_grad(set_to_none=True)
-    evaluate(model, _first_and_last(val, whole), rt, len(worker.classes), worker.spec.evaluation.tta)
+    evaluate(model, _warm_batches(val, last_val), rt, len(worker.classes), worker.spec.evaluation.tta)
     model.load_state_dict(state)
     if rt.device.type == "cuda":
         torch.cuda.synchronize(rt.device)
