@@ -62,10 +62,6 @@ def _shard_probe(config):
     ray.train.report({"rank": ctx.get_world_rank(), "n": n, "indices": idx.tolist()})
 
 
-class _Collect:
-    pass
-
-
 def test_two_ray_train_workers_see_disjoint_shards_that_cover_the_set(ray_cluster, tmp_path):
     from ray.train import RunConfig, ScalingConfig, UserCallback
     from ray.train.torch import TorchTrainer
