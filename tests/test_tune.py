@@ -248,8 +248,13 @@ def test_quickstart_search_early_stops_and_records_a_loadable_best(ray_cluster, 
     from visionray.checkpoint import load_model
     from visionray.evaluate import evaluate_checkpoint
 
+    # ASHA's decisions depend on the order results arrive in. One trial at a time, the good learning
+    # rate first, makes them certain: each later trial (lr too small to learn in one epoch) reaches
+    # the first rung below the recorded cutoff and is stopped there.
     spec = _search(tmp_path, "quick", [
-        "search.num_samples=4", "scheduler.max_epochs=4", "scheduler.grace_period=1", "scheduler.reduction_factor=2",
+        "search.algorithm=grid", "search.num_samples=1", "search.max_concurrent_trials=1", "search.space={}",
+        "search.space.optim.lr.grid=[0.02, 0.00001, 0.00002, 0.00003]",
+        "scheduler.max_epochs=4", "scheduler.grace_period=1", "scheduler.reduction_factor=2",
     ])
     updates: list[list[vtune.TrialRow]] = []
     out = vtune.run_search(spec, on_update=updates.append)
