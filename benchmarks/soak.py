@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
+import aiohttp
 import numpy as np
 from PIL import Image
 
@@ -196,19 +196,21 @@ async def drive(url: str, valid: list[Case], hostile: list[Case], concurrency: i
     sends valid images only and records nothing (warm-up)."""
     rng = random.Random(seed)
     deadline = time.perf_counter() + duration_s
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    target = url.rstrip("/") + "/v1/classify"
 
-    async def worker(client: httpx.AsyncClient) -> None:
+    async def worker(session: aiohttp.ClientSession) -> None:
         while time.perf_counter() < deadline:
             pool = hostile if tally is not None and rng.random() < HOSTILE_SHARE else valid
             case = pool[rng.randrange(len(pool))]
             t0 = time.perf_counter()
+            text = ""
             try:
-                r = await client.post("/v1/classify", content=case.body, headers=case.headers)
-                got: int | str = r.status_code
-            except httpx.TimeoutException:
+                async with session.post(target, data=case.body, headers=case.headers) as r:
+                    text = (await r.read())[:300].decode("utf-8", "replace")
+                got: int | str = r.status
+            except asyncio.TimeoutError:
                 got = "timeout"
-            except httpx.TransportError as exc:
+            except aiohttp.ClientError as exc:
                 got = f"transport:{type(exc).__name__}"
             if tally is None:
                 continue
@@ -221,10 +223,12 @@ async def drive(url: str, valid: list[Case], hostile: list[Case], concurrency: i
             if got != case.expect:
                 tally.unexpected[(case.name, got)] += 1
                 if isinstance(got, int):
-                    tally.first_unexpected.setdefault(case.name, r.text[:300])
+                    tally.first_unexpected.setdefault(case.name, text)
 
-    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S, limits=limits) as client:
-        await asyncio.gather(*(worker(client) for _ in range(concurrency)))
+    # aiohttp as in visionray.serve.client.loadtest: httpx's pool would be the bottleneck
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S)) as session:
+        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
 
 
 # --------------------------------------------------------------------------- the soak
