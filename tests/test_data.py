@@ -122,6 +122,29 @@ def test_imagefolder_directory_and_tar(tmp_path, monkeypatch):
     assert torch.equal(from_tar.val.labels, from_dir.val.labels)
 
 
+def test_limit_keeps_a_seeded_sample_of_every_class_not_the_head_of_the_list(tmp_path):
+    """Folders are listed class by class: ``data.limit`` must not keep only the first classes."""
+    classes = tuple(f"c{i}" for i in range(5))
+    _write_folder(tmp_path / "imgs", classes=classes, per_class=20, size=(8, 8))
+    spec = DataSpec(source="imagefolder", path=str(tmp_path / "imgs"), image_size=8, val_fraction=0.2, limit=30)
+    splits = vdata.load_splits(spec)
+    full = vdata.load_splits(spec.model_copy(update={"limit": None}))
+    assert len(splits.train) == 30 and set(splits.train.labels.tolist()) == set(range(5))
+    assert torch.equal(splits.val.labels, full.val.labels)  # the held-out images do not move
+    assert torch.equal(vdata.load_splits(spec).train.images, splits.train.images)  # same seed, same sample
+    kept = {bytes(im.numpy()) for im in splits.train.images}
+    assert kept <= {bytes(im.numpy()) for im in full.train.images}  # a subset of the training split
+    other = vdata.load_splits(spec.model_copy(update={"split_seed": 1}))
+    assert not torch.equal(other.train.labels, splits.train.labels) or not torch.equal(other.train.images, splits.train.images)
+
+
+@pytest.mark.parametrize("n,limit", [(100, 10), (7, 7), (7, 20), (5, None)])
+def test_limit_indices_are_sorted_distinct_and_bounded(n, limit):
+    idx = vdata.limit_indices(n, limit, seed=0)
+    assert len(idx) == min(n, limit or n) and len(set(idx.tolist())) == len(idx)
+    assert np.all(np.diff(idx) > 0) and (len(idx) == 0 or (idx.min() >= 0 and idx.max() < n))
+
+
 def test_imagefolder_refuses_archive_members_escaping_the_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(vdata.defaults, "CACHE_DIR", tmp_path / "cache")
     archive = tmp_path / "evil.tar"

@@ -70,6 +70,15 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
+def limit_indices(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Positions of the training images ``data.limit`` keeps: a seeded random ``limit`` of range(n),
+    in order. Never the first ``limit``: class folders are listed class by class, so the head of
+    the list holds only the first classes."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, n]).permutation(n)[:limit])
+
+
 def shard_indices(n: int, rank: int, world_size: int, seed: int, epoch: int) -> np.ndarray:
     """This worker's indices for one epoch: a seeded shuffle of range(n) cut into ``world_size``
     contiguous parts. Parts are disjoint, cover range(n) and differ in size by at most one."""
@@ -140,7 +149,8 @@ def load_splits(spec: DataSpec, preset: EvalPreset | None = None) -> DataSplits:
         raise DataError(f"unknown data source {spec.source!r}; valid: {', '.join(list_sources())}") from None
     splits = fn(spec, preset)
     if spec.limit is not None and len(splits.train) > spec.limit:
-        splits = DataSplits(splits.train.subset(np.arange(spec.limit)), splits.val, splits.classes)
+        splits = DataSplits(splits.train.subset(limit_indices(len(splits.train), spec.limit, spec.split_seed)),
+                            splits.val, splits.classes)
     return splits
 
 
@@ -344,8 +354,7 @@ def _imagefolder(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
     else:
         train_idx, val_idx = split_indices(len(files), spec.val_fraction, spec.split_seed)
         val_files, val_labels = [files[i] for i in val_idx], labels[val_idx]
-    if spec.limit is not None:
-        train_idx = train_idx[:spec.limit]
+    train_idx = train_idx[limit_indices(len(train_idx), spec.limit, spec.split_seed)]
     train = decode_files([files[i] for i in train_idx], labels[train_idx], channels, size)
     return DataSplits(train, decode_files(val_files, val_labels, channels, size), classes)
 
@@ -373,8 +382,7 @@ def streaming_datasets(spec: DataSpec, preset: EvalPreset) -> tuple[dict, list[s
     else:
         train_idx, val_idx = split_indices(len(files), spec.val_fraction, spec.split_seed)
         train_files, val_files = [files[i] for i in train_idx], [files[i] for i in val_idx]
-    if spec.limit is not None:
-        train_files = train_files[:spec.limit]
+    train_files = [train_files[i] for i in limit_indices(len(train_files), spec.limit, spec.split_seed)]
     order = np.random.default_rng(spec.split_seed).permutation(len(train_files))
     index = {name: i for i, name in enumerate(classes)}
     to_size = resize(preset)

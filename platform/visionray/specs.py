@@ -168,7 +168,8 @@ class DataSpec(Strict):
     num_samples: int = Field(2048, ge=16, le=10_000_000, description="synthetic only: images generated")
     val_fraction: float = Field(0.1, gt=0.0, lt=0.9, description="share held out for validation when no val_path")
     split_seed: int = Field(0, ge=0, description="seed of the train/val split: same seed, same split")
-    limit: int | None = Field(None, ge=16, description="use at most this many training images (quick runs)")
+    limit: int | None = Field(None, ge=16, description="train on a seeded random subset of this many training images "
+                               "(quick runs; the held-out split is unchanged)")
     streaming: bool = Field(False, description="imagefolder: stream through Ray Data instead of loading to memory")
     loader_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per training worker")
     pipeline: Literal["per_sample", "batched"] = Field(
