@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from visionray.models import tta_logits
 from visionray.specs import EvalPreset, TrainSpec, load_spec
 from visionray.train import Worker
 from visionray.transforms import BatchFlipCrop, eval_transform, normalize_batch
@@ -54,6 +55,83 @@ def test_cifar10_fast_recipe_runs_correctly_on_cpu():
     metrics = [worker.run_epoch(e) for e in range(3)]
     assert torch.equal(first, worker.model.whiten.weight)  # whitening stays frozen
     assert metrics[-1]["val_acc"] > 0.5 and metrics[-1]["train_loss"] < metrics[0]["train_loss"]
+
+
+class _PixelLinear(torch.nn.Module):
+    """Logits that are a fixed linear function of the pixels: TTA views give different logits."""
+
+    def __init__(self, pixels: int):
+        super().__init__()
+        self.fc = torch.nn.Linear(pixels, 4)
+        torch.nn.init.normal_(self.fc.weight, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def test_tta_views_are_averaged_as_airbench_does():
+    x = normalize_batch(PRESET, _images())
+    model = _PixelLinear(3 * 12 * 12)
+    mirrored = lambda v: (model(v) + model(v.flip(-1))) / 2  # noqa: E731
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    expected = 0.5 * mirrored(x) + 0.25 * (mirrored(padded[..., :12, :12]) + mirrored(padded[..., 2:, 2:]))
+    with torch.no_grad():
+        assert torch.equal(tta_logits(model, x, "none"), model(x))
+        assert torch.allclose(tta_logits(model, x, "flip"), mirrored(x))
+        assert torch.allclose(tta_logits(model, x, "flip_translate"), expected)
+        assert not torch.allclose(tta_logits(model, x, "flip_translate"), mirrored(x))
+    with pytest.raises(ValueError, match="flip_translate"):
+        tta_logits(model, x, "flop")
+
+
+def test_serving_applies_the_checkpoints_tta_like_evaluate(tmp_path):
+    """A checkpoint evaluated with TTA is served with the same views: same probabilities."""
+    import numpy as np
+
+    from visionray.checkpoint import load_model, save_checkpoint
+    from visionray.evaluate import predict_logits
+    from visionray.models import create_model
+    from visionray.serve.model import Predictor
+
+    torch.manual_seed(0)
+    model = create_model("convnet", 10, 3, 12, depth=2, width=8)
+    spec = TrainSpec.model_validate({"evaluation": {"tta": "flip_translate"}})
+    save_checkpoint(tmp_path / "c", model, spec=spec, model_name="convnet", model_kwargs={"depth": 2, "width": 8},
+                    classes=[f"c{i}" for i in range(10)], preset=PRESET, metrics={}, epoch=1)
+    model, meta = load_model(tmp_path / "c")
+    images = _images(5)
+    expected = predict_logits(model, meta, images).softmax(1)
+    predictor = Predictor(model, meta, "tta", None, torch.device("cpu"))
+    served = predictor.predict([np.asarray(im) for im in images], 10)
+    assert predictor.info()["tta"] == "flip_translate"
+    for row, labels in zip(expected, served):
+        assert [lab.probability for lab in labels] == pytest.approx(sorted(row.tolist(), reverse=True), abs=1e-5)
+        assert labels[0].index == int(row.argmax())
+
+
+def test_airbench_net_follows_airbench94():
+    """Dirac-initialised convs, BatchNorm scales fixed at 1 and left out of the optimiser, and
+    ``optim.norm_bias_lr_scale`` putting the norm biases in their own group at 64x lr."""
+    from visionray.models import create_model
+    from visionray.specs import OptimSpec
+    from visionray.train import build_optimizer
+
+    model = create_model("airbench", 10, 3, 32, width=32)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(not m.weight.requires_grad and m.momentum == 0.4 for m in norms)
+    conv = model.body[1][0]  # 24 whitened channels in, 32 out: 24 identity filters, 8 random
+    identity = torch.zeros_like(conv.weight[:conv.in_channels])
+    torch.nn.init.dirac_(identity)
+    assert torch.equal(conv.weight[:conv.in_channels], identity)
+    assert not torch.equal(conv.weight[conv.in_channels:], torch.zeros_like(conv.weight[conv.in_channels:]))
+
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    plain = build_optimizer(OptimSpec(name="sgd"), model, 0.1)
+    assert len(plain.param_groups) == 2 and {id(p) for g in plain.param_groups for p in g["params"]} == trainable
+    scaled = build_optimizer(OptimSpec(name="sgd", norm_bias_lr_scale=64), model, 0.1)
+    assert {id(p) for g in scaled.param_groups for p in g["params"]} == trainable
+    assert {id(p) for p in scaled.param_groups[2]["params"]} == {id(m.bias) for m in norms}
+    assert scaled.param_groups[2]["lr"] == pytest.approx(6.4) and scaled.param_groups[2]["weight_decay"] == 0.0
 
 
 @pytest.mark.slow

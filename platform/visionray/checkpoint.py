@@ -164,3 +164,8 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu") -> tup
 
 def eval_preset(meta: dict[str, Any]) -> EvalPreset:
     return EvalPreset.model_validate(meta["eval_preset"])
+
+
+def tta_mode(meta: dict[str, Any]) -> str:
+    """The test-time augmentation the checkpoint was evaluated with (``models.tta_logits``)."""
+    return meta["spec"].get("evaluation", {}).get("tta", "none")

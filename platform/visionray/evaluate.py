@@ -11,6 +11,7 @@ import torch
 
 from visionray import checkpoint as ckpt
 from visionray import data as vdata
+from visionray.models import tta_logits
 from visionray.specs import DataSpec
 from visionray.transforms import eval_transform
 
@@ -73,14 +74,10 @@ def eval_arrays(meta: dict[str, Any], data: str) -> vdata.ImageArrays:
 def predict_logits(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Logits for uint8 images through the checkpoint's eval preset, with its test-time augmentation."""
     tf = eval_transform(ckpt.eval_preset(meta))
-    tta = meta["spec"].get("evaluation", {}).get("tta", "none")
+    tta = ckpt.tta_mode(meta)
     out = []
     for chunk in images.split(batch_size):
-        x = torch.stack([tf(im) for im in chunk])
-        logits = model(x).float()
-        if tta == "flip":
-            logits = (logits + model(x.flip(-1)).float()) / 2
-        out.append(logits)
+        out.append(tta_logits(model, torch.stack([tf(im) for im in chunk]), tta))
     return torch.cat(out) if out else torch.empty(0, len(meta["classes"]))
 
 

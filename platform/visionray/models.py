@@ -190,18 +190,35 @@ def resnet50(num_classes: int = 1000, in_channels: int = 3, image_size: int = 22
 # --------------------------------------------------------------------------- fast CIFAR net
 
 
+def _airbench_conv(cin: int, cout: int) -> nn.Conv2d:
+    """3x3 conv, no bias; its first ``cin`` filters start as the identity (dirac), as in airbench94."""
+    conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: min(cin, cout)])
+    return conv
+
+
+def _airbench_norm(c: int) -> nn.BatchNorm2d:
+    """airbench94's BatchNorm: scales fixed at 1 (only the biases learn), running statistics with
+    momentum 0.4 (its 0.6 in the other convention), eps 1e-12."""
+    norm = nn.BatchNorm2d(c, eps=1e-12, momentum=0.4)
+    norm.weight.requires_grad_(False)
+    return norm
+
+
 class _ConvGroup(nn.Sequential):
     def __init__(self, cin: int, cout: int):
         super().__init__(
-            nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(cout), nn.GELU(),
-            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.GELU(),
+            _airbench_conv(cin, cout), nn.MaxPool2d(2), _airbench_norm(cout), nn.GELU(),
+            _airbench_conv(cout, cout), _airbench_norm(cout), nn.GELU(),
         )
 
 
 class AirbenchNet(nn.Module):
     """The purpose-built CIFAR-10 net of the speed record (Keller Jordan's airbench94): a frozen 2x2
     patch-whitening convolution initialised from the training data, three conv groups of
-    ``width``, 4x and 4x channels, max-pooling and a scaled linear head."""
+    ``width``, 4x and 4x channels (dirac-initialised convs, BatchNorm with fixed scales),
+    max-pooling and a scaled linear head."""
 
     def __init__(self, num_classes: int, in_channels: int, width: int):
         super().__init__()
@@ -236,3 +253,28 @@ def airbench(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, 
     """airbench94's net for 32x32 inputs; ``data.pipeline: batched`` feeds it fastest. Its whitening
     layer is initialised from the first 5,000 training images when training starts."""
     return AirbenchNet(num_classes, in_channels, width)
+
+
+# --------------------------------------------------------------------------- test-time augmentation
+
+TTA_MODES = ("none", "flip", "flip_translate")
+
+
+def tta_logits(model: nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:
+    """float logits of ``model`` on the batch ``x`` (N, C, H, W), averaged over test-time views.
+    ``flip``: the image and its mirror. ``flip_translate`` (airbench94's level 2): half the image
+    and its mirror, a quarter each the same pair shifted one pixel up-left and down-right
+    (reflect padding). Training's evaluation, ``visionray evaluate`` and serving all call this."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta {mode!r}: allowed {', '.join(TTA_MODES)}")
+    if mode == "none":
+        return model(x).float()
+
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return (model(v).float() + model(v.flip(-1)).float()) / 2
+
+    if mode == "flip":
+        return mirrored(x)
+    h, w = x.shape[-2:]
+    padded = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    return 0.5 * mirrored(x) + 0.25 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:]))

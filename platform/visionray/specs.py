@@ -231,7 +231,9 @@ class OptimSpec(Strict):
     scale_lr: bool = Field(True, description="scale lr linearly by global batch / 256; off: lr is used as given")
     momentum: float = Field(0.9, ge=0.0, lt=1.0, description="sgd momentum (nesterov)")
     betas: tuple[float, float] = Field((0.9, 0.999), description="adam/adamw betas")
-    weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
+    weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="on weights, not on biases or norm scales")
+    norm_bias_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="lr multiplier for normalisation "
+                                      "layers' biases (airbench94 trains its BatchNorm biases at 64x)")
     schedule: Literal["constant", "onecycle", "cosine", "step"] = "onecycle"
     warmup_epochs: float = Field(0.0, ge=0.0, description="linear warmup (epochs) before the schedule")
     step_epochs: int = Field(30, ge=1, description="step schedule: epochs between decays")
@@ -284,7 +286,9 @@ class RegisterSpec(Strict):
 
 
 class EvaluationSpec(Strict):
-    tta: Literal["none", "flip"] = Field("none", description="test-time augmentation: average logits with the mirrored image")
+    tta: Literal["none", "flip", "flip_translate"] = Field(
+        "none", description="test-time augmentation, also applied when serving: flip averages the image's and its "
+        "mirror's logits; flip_translate (airbench94) adds both shifted one pixel up-left and down-right")
 
 
 BATCHED_OPS = ("none", "flip_crop")

@@ -24,7 +24,7 @@ from torch import nn
 from visionray import checkpoint as ckpt
 from visionray import data as vdata
 from visionray.defaults import LR_REFERENCE_BATCH
-from visionray.models import create_model
+from visionray.models import create_model, tta_logits
 from visionray.specs import OptimSpec, TrainSpec
 from visionray.transforms import batch_augment, eval_transform, normalize_batch, preprocess_all, train_transform
 
@@ -36,11 +36,19 @@ def effective_lr(optim: OptimSpec, global_batch: int) -> float:
     return optim.lr * global_batch / LR_REFERENCE_BATCH if optim.scale_lr else optim.lr
 
 
+NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
 def build_optimizer(optim: OptimSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
-    for p in model.parameters():  # no weight decay on biases and norm scales
-        (decay if p.ndim > 1 else no_decay).append(p)
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, NORM_LAYERS) and m.bias is not None}
+    scale_norm_biases = optim.norm_bias_lr_scale != 1.0
+    decay, no_decay, scaled = [], [], []
+    for p in model.parameters():  # no weight decay on biases and norm scales; frozen parameters left out
+        if p.requires_grad:
+            (scaled if scale_norm_biases and id(p) in norm_biases else decay if p.ndim > 1 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if scale_norm_biases:
+        groups.append({"params": scaled, "weight_decay": 0.0, "lr": lr * optim.norm_bias_lr_scale})
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.momentum > 0)
     cls = torch.optim.Adam if optim.name == "adam" else torch.optim.AdamW
@@ -138,16 +146,14 @@ def train_one_epoch(
 @torch.inference_mode()
 def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, num_classes: int, tta: str = "none") -> dict[str, float]:
     """Loss, top-1 and (with more than 5 classes) top-5 over every worker's part of the data.
-    ``tta="flip"`` averages the logits of each image and its mirror image."""
+    ``tta`` averages logits over test-time views (``models.tta_logits``)."""
     model.eval()
     k = min(5, num_classes)
     sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, top1, top5, count
     for images, labels in batches:
         images, labels = rt.to_device(images, labels)
         with rt.autocast():
-            logits = model(images).float()
-            if tta == "flip":
-                logits = (logits + model(images.flip(-1)).float()) / 2
+            logits = tta_logits(model, images, tta)
         top = logits.topk(k, dim=1).indices
         sums += torch.stack([
             nn.functional.cross_entropy(logits, labels, reduction="sum").double(),

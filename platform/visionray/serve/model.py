@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from visionray.checkpoint import eval_preset
+from visionray.checkpoint import eval_preset, tta_mode
+from visionray.models import tta_logits
 from visionray.serve.config import ServeSpec
 from visionray.transforms import eval_transform
 
@@ -95,6 +96,7 @@ class Predictor:
         self.device = device
         self.preset = eval_preset(meta)
         self.transform = eval_transform(self.preset)
+        self.tta = tta_mode(meta)  # the same test-time views as the checkpoint's evaluation
         self.classes: list[str] = list(meta["classes"])
         self.half = device.type == "cuda"
         model = model.to(device).eval()
@@ -114,6 +116,7 @@ class Predictor:
             "metrics": self.meta.get("metrics", {}),
             "device": str(self.device),
             "precision": "fp16" if self.half else "fp32",
+            "tta": self.tta,
         }
 
     @torch.inference_mode()
@@ -125,7 +128,7 @@ class Predictor:
         x = torch.stack([self.transform(torch.from_numpy(a)) for a in images]).to(self.device, non_blocking=True)
         if self.half:
             x = x.half().contiguous(memory_format=torch.channels_last)
-        probs = self.model(x).float().softmax(1).cpu()
+        probs = tta_logits(self.model, x, self.tta).softmax(1).cpu()
         top = probs.topk(min(k, len(self.classes)), dim=1)
         return [
             [Label(self.classes[i], i, p) for p, i in zip(row_p.tolist(), row_i.tolist())]
