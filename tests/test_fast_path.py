@@ -134,6 +134,50 @@ def test_airbench_net_follows_airbench94():
     assert scaled.param_groups[2]["lr"] == pytest.approx(6.4) and scaled.param_groups[2]["weight_decay"] == 0.0
 
 
+def test_lookahead_pulls_weights_to_their_running_average():
+    """every 2 steps: average <- keep * average + (1 - keep) * weights, then weights <- average;
+    after the last step (5) the weights are the average."""
+    from visionray.specs import LookaheadSpec
+    from visionray.train import Lookahead
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    la = Lookahead(model, LookaheadSpec(every_steps=2, decay=0.5, power=0.0), total_steps=5)
+    average, seen = 0.0, []
+    for step in range(1, 6):
+        with torch.no_grad():
+            model.weight += 1.0  # an optimiser step
+        la.step()
+        w = 0.0 if not seen else seen[-1]
+        w += 1.0
+        if step % 2 == 0:
+            average = 0.5 * average + 0.5 * w
+            w = average
+        elif step == 5:
+            w = average  # the last step: the weights become the average
+        seen.append(w)
+        assert model.weight.item() == pytest.approx(w), step
+    assert la.average["weight"].item() == pytest.approx(model.weight.item())
+
+
+def test_lookahead_state_is_checkpointed_and_restored(tmp_path):
+    spec = TrainSpec.model_validate({
+        "data": {"image_size": 8, "limit": 200}, "model": {"name": "convnet", "depth": 1, "width": 4},
+        "optim": {"epochs": 2, "batch_size": 32, "lookahead": {"every_steps": 3}},
+    })
+    worker = Worker(spec, 0, 1, torch.device("cpu"))
+    worker.run_epoch(0)
+    worker.save(tmp_path, {}, 1)
+    resumed = Worker(spec, 0, 1, torch.device("cpu"), restore_dir=tmp_path)
+    assert resumed.lookahead.steps == worker.lookahead.steps == worker.scheduler.last_epoch > 0  # steps of epoch 1
+    for name, average in worker.lookahead.average.items():
+        assert torch.equal(resumed.lookahead.average[name], average), name
+    resumed.run_epoch(1)  # the last epoch ends on the last step: the weights are the average
+    for name, value in resumed.model.state_dict().items():
+        if value.is_floating_point():
+            assert torch.equal(value, resumed.lookahead.average[name]), name
+
+
 @pytest.mark.slow
 def test_compile_warm_up_is_timed_apart_and_changes_no_weight():
     """Warm-up compiles every graph of an epoch (a short last batch, eval with flip TTA), so the

@@ -223,6 +223,14 @@ class ModelSpec(Strict):
         return self
 
 
+class LookaheadSpec(Strict):
+    """airbench94's lookahead: every few steps the weights are pulled to their running average."""
+
+    every_steps: int = Field(5, ge=1, le=100_000, description="optimiser steps between pulls to the average")
+    decay: float = Field(0.95**5, ge=0.0, lt=1.0, description="the average's weight on its past at the last step")
+    power: float = Field(3.0, ge=0.0, le=10.0, description="that weight ramps up as decay * (step / total steps) ** power")
+
+
 class OptimSpec(Strict):
     name: Literal["sgd", "adam", "adamw"] = Field("adamw", description="sgd uses nesterov momentum")
     epochs: int = Field(10, ge=1, le=10_000)
@@ -234,6 +242,8 @@ class OptimSpec(Strict):
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0, description="on weights, not on biases or norm scales")
     norm_bias_lr_scale: float = Field(1.0, gt=0.0, le=1000.0, description="lr multiplier for normalisation "
                                       "layers' biases (airbench94 trains its BatchNorm biases at 64x)")
+    lookahead: LookaheadSpec | None = Field(None, description="pull weights to their running average every few "
+                                            "steps; they end as that average ({} for airbench94's values)")
     schedule: Literal["constant", "onecycle", "cosine", "step"] = "onecycle"
     warmup_epochs: float = Field(0.0, ge=0.0, description="linear warmup (epochs) before the schedule")
     step_epochs: int = Field(30, ge=1, description="step schedule: epochs between decays")

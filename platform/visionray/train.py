@@ -25,7 +25,7 @@ from visionray import checkpoint as ckpt
 from visionray import data as vdata
 from visionray.defaults import LR_REFERENCE_BATCH
 from visionray.models import create_model, tta_logits
-from visionray.specs import OptimSpec, TrainSpec
+from visionray.specs import LookaheadSpec, OptimSpec, TrainSpec
 from visionray.transforms import batch_augment, eval_transform, normalize_batch, preprocess_all, train_transform
 
 
@@ -79,6 +79,37 @@ def lr_factor(optim: OptimSpec, steps_per_epoch: int) -> Callable[[int], float]:
     return factor
 
 
+class Lookahead:
+    """airbench94's lookahead over a model's weights and float buffers: every ``every_steps``
+    optimiser steps the running average moves towards the weights (keeping ``decay * (step /
+    total) ** power`` of itself) and the weights are replaced by it; after the last step the
+    weights are the average."""
+
+    def __init__(self, model: nn.Module, spec: LookaheadSpec, total_steps: int):
+        self.model, self.spec, self.total, self.steps = model, spec, total_steps, 0
+        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        last = self.steps >= self.total
+        if self.steps % self.spec.every_steps and not last:
+            return
+        keep = 1.0 if last else self.spec.decay * (self.steps / self.total) ** self.spec.power
+        weights = self.model.state_dict()
+        for name, average in self.average.items():
+            average.lerp_(weights[name], 1.0 - keep)
+            weights[name].copy_(average)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"average": self.average, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        for name, average in self.average.items():
+            average.copy_(state["average"][name])
+
+
 # --------------------------------------------------------------------------- epoch loops
 
 
@@ -109,7 +140,7 @@ class Runtime:
 
 def train_one_epoch(
     model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, scheduler, scaler,
-    criterion: nn.Module, rt: Runtime, grad_clip: float | None,
+    criterion: nn.Module, rt: Runtime, grad_clip: float | None, lookahead: Lookahead | None = None,
 ) -> dict[str, float]:
     model.train()
     loss_sum, seen, start = torch.zeros((), device=rt.device), 0, time.perf_counter()
@@ -125,6 +156,8 @@ def train_one_epoch(
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
+        if lookahead is not None:
+            lookahead.step()
         loss_sum += loss.detach() * len(labels)
         seen += len(labels)
     if rt.device.type == "cuda":
@@ -315,6 +348,11 @@ class Worker:
             self.start_epoch = state["epoch"]
         elif hasattr(model, "init_whitening") and data is not None:  # data-dependent init (airbench's whitening)
             model.init_whitening(_first_images(spec, data, preset).to(device))
+        self.lookahead = None
+        if spec.optim.lookahead is not None:  # built on the restored weights; a checkpoint's average replaces them
+            self.lookahead = Lookahead(model, spec.optim.lookahead, spec.optim.epochs * steps)
+            if restore_dir is not None and "lookahead" in state:
+                self.lookahead.load_state_dict(state["lookahead"])
         self.model = wrap(model)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=spec.optim.label_smoothing)
         self.compile_s = None
@@ -345,7 +383,7 @@ class Worker:
             metrics["compile_s"] = self.compile_s  # kept out of epoch_s
         metrics |= train_one_epoch(
             self.model, train_batches, self.optimizer, self.scheduler, self.scaler, self.criterion, self.rt,
-            self.spec.optim.grad_clip,
+            self.spec.optim.grad_clip, self.lookahead,
         )
         return metrics | evaluate(self.model, val_batches, self.rt, len(self.classes), self.spec.evaluation.tta)
 
@@ -359,7 +397,7 @@ class Worker:
             train_state={
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": epoch,
-            },
+            } | ({"lookahead": self.lookahead.state_dict()} if self.lookahead is not None else {}),
         )
 
 
