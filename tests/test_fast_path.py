@@ -88,7 +88,7 @@ def test_serving_applies_the_checkpoints_tta_like_evaluate(tmp_path):
     """A checkpoint evaluated with TTA is served with the same views: same probabilities."""
     import numpy as np
 
-    from visionray.checkpoint import load_model, save_checkpoint
+    from visionray.checkpoint import CheckpointError, load_model, save_checkpoint
     from visionray.evaluate import predict_logits
     from visionray.models import create_model
     from visionray.serve.model import Predictor
@@ -107,6 +107,10 @@ def test_serving_applies_the_checkpoints_tta_like_evaluate(tmp_path):
     for row, labels in zip(expected, served):
         assert [lab.probability for lab in labels] == pytest.approx(sorted(row.tolist(), reverse=True), abs=1e-5)
         assert labels[0].index == int(row.argmax())
+
+    meta["spec"]["evaluation"]["tta"] = "mirror_rotate"  # written by some other version: refused at load
+    with pytest.raises(CheckpointError, match="mirror_rotate.*flip_translate"):
+        Predictor(model, meta, "tta", None, torch.device("cpu"))
 
 
 def test_airbench_net_follows_airbench94():

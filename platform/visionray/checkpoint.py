@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import visionray
-from visionray.models import create_model
+from visionray.models import TTA_MODES, create_model
 from visionray.specs import EvalPreset
 
 FORMAT = "visionray-checkpoint/1"
@@ -168,4 +168,8 @@ def eval_preset(meta: dict[str, Any]) -> EvalPreset:
 
 def tta_mode(meta: dict[str, Any]) -> str:
     """The test-time augmentation the checkpoint was evaluated with (``models.tta_logits``)."""
-    return meta["spec"].get("evaluation", {}).get("tta", "none")
+    mode = meta["spec"].get("evaluation", {}).get("tta", "none")
+    if mode not in TTA_MODES:
+        raise CheckpointError(f"checkpoint asks for test-time augmentation {mode!r}; this VisionRay knows "
+                              f"{', '.join(TTA_MODES)} (a newer VisionRay wrote it?)")
+    return mode

@@ -257,7 +257,8 @@ def airbench(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, 
 
 # --------------------------------------------------------------------------- test-time augmentation
 
-TTA_MODES = ("none", "flip", "flip_translate")
+TTA_VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}  # mode -> forward passes per image
+TTA_MODES = tuple(TTA_VIEWS)
 
 
 def tta_logits(model: nn.Module, x: torch.Tensor, mode: str = "none") -> torch.Tensor:

@@ -30,6 +30,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
+from visionray.models import TTA_VIEWS
 from visionray.serve.api import make_api
 from visionray.serve.config import ServeSpec, load_serve_spec
 from visionray.serve.model import Label, Predictor, Source, load_source, pick_device, resolve_source
@@ -47,7 +48,8 @@ class Classifier:
         self.predictor = Predictor(model, meta, name, version, device)
         self.infer.set_max_batch_size(spec.batch.max_batch_size)
         self.infer.set_batch_wait_timeout_s(spec.batch.wait_s)
-        logger.info("serving %s v%s on %s", name, version, device)
+        logger.info("serving %s v%s on %s, test-time augmentation %s (%d forward passes per image)",
+                    name, version, device, self.predictor.tta, TTA_VIEWS[self.predictor.tta])
 
     def check_health(self) -> None:
         if self.predictor is None:
