@@ -82,6 +82,11 @@ def test_tta_views_are_averaged_as_airbench_does():
         assert not torch.allclose(tta_logits(model, x, "flip_translate"), mirrored(x))
     with pytest.raises(ValueError, match="flip_translate"):
         tta_logits(model, x, "flop")
+    from typing import get_args
+
+    from visionray.models import TTA_MODES
+    from visionray.specs import EvaluationSpec
+    assert get_args(EvaluationSpec.model_fields["tta"].annotation) == TTA_MODES  # the spec offers what exists
 
 
 def test_serving_applies_the_checkpoints_tta_like_evaluate(tmp_path):
