@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -108,7 +109,7 @@ def main() -> None:
     Console().print(table)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": f"CPU x{os.cpu_count()}", "versions": versions() | {
-        "httpx": httpx.__version__, "aiohttp": __import__("aiohttp").__version__}, "duration_s": args.duration, "rows": rows}, indent=2))
+        "httpx": httpx.__version__, "aiohttp": aiohttp.__version__}, "duration_s": args.duration, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

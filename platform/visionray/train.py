@@ -86,8 +86,11 @@ class Lookahead:
     weights are the average."""
 
     def __init__(self, model: nn.Module, spec: LookaheadSpec, total_steps: int):
-        self.model, self.spec, self.total, self.steps = model, spec, total_steps, 0
-        self.average = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.spec, self.total, self.steps = spec, total_steps, 0
+        # the model's own tensors (loading a state dict copies into them, so they stay the model's)
+        weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+        self.weights = list(weights.values())
+        self.average = {k: v.clone() for k, v in weights.items()}
 
     @torch.no_grad()
     def step(self) -> None:
@@ -96,10 +99,9 @@ class Lookahead:
         if self.steps % self.spec.every_steps and not last:
             return
         keep = 1.0 if last else self.spec.decay * (self.steps / self.total) ** self.spec.power
-        weights = self.model.state_dict()
-        for name, average in self.average.items():
-            average.lerp_(weights[name], 1.0 - keep)
-            weights[name].copy_(average)
+        average = list(self.average.values())
+        torch._foreach_lerp_(average, self.weights, 1.0 - keep)  # one kernel per list, not per tensor
+        torch._foreach_copy_(self.weights, average)
 
     def state_dict(self) -> dict[str, Any]:
         return {"average": self.average, "steps": self.steps}

@@ -177,9 +177,9 @@ async def loadtest(url: str, images: list[tuple[str, bytes, str]], concurrency: 
             except aiohttp.ClientError as exc:
                 report.statuses[type(exc).__name__] += 1
 
-    # aiohttp, not httpx: httpx's connection pool tops out near 250 requests/s at concurrency 32
-    # on one core (aiohttp: about 7,800 against the same trivial server), which made the load
-    # generator the bottleneck of every serving benchmark.
+    # aiohttp, not httpx: one httpx AsyncClient tops out near 270 requests/s at concurrency 32
+    # on 2 cores, this loop about 10,000 against the same trivial server (benchmarks/loadgen.py);
+    # the load generator was the bottleneck of every serving benchmark.
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
