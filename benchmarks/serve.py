@@ -1,7 +1,8 @@
 """Serving throughput and latency, side by side in one run, per model:
 
-(a) VisionRay: the real ``visionray.serve.app:build_app`` (sanitizing ingress + batched Classifier,
-    a signed registry model) over HTTP on loopback;
+(a) VisionRay: the real ``visionray.serve.app:build_app`` (sanitizer, decoding, batched inference of
+    a signed registry model) over HTTP on loopback, in both topologies: ``split`` (an Ingress
+    deployment calls a Classifier deployment through a handle) and ``combined`` (one deployment);
 (b) plain Ray Serve as Ray's docs write it: one deployment whose ``__call__`` reads the body, decodes the
     PNG with Pillow and runs the model on it, one request = one forward pass, no batching;
 (c) the limit: ``model(batch)`` in this process at the same batch size, no HTTP, no decoding.
@@ -10,7 +11,7 @@
 at the same fixed concurrency for the same duration. Torch threads match the replicas' (Ray gives
 a 1-CPU replica OMP_NUM_THREADS=1). Reported: requests/s, p50/p99, and (a)/(c), (a)/(b), and the
 p50 overhead of (a) at concurrency 1 over one direct in-process call (sanitized decode + predict).
-Goals: (a)/(c) >= 0.8 for seed_cnn; (a)/(b) >= 2; p50 overhead <= 3 ms.
+Goals, for each topology of (a): (a)/(c) >= 0.8 for seed_cnn; (a)/(b) >= 2; p50 overhead <= 3 ms.
 
     python benchmarks/serve.py [--duration 10] [--concurrency 32] [--models seed_cnn,cifar_convnet] [--gpu]
 
@@ -49,6 +50,7 @@ MODELS = {  # name -> (architecture, kwargs, channels, image size in px)
 REPLICA_THREADS = 1  # torch threads in a 1-CPU replica, and in the in-process measurements
 WARMUP_S = 2.0  # load before each measured phase (s)
 DIRECT_REPEAT = 50  # single in-process calls timed for the direct latency
+TOPOLOGIES = ("split", "combined")  # (a)'s, ServeSpec.topology
 GOALS = {"a_over_c": 0.8, "a_over_b": 2.0, "overhead_ms": 3.0}
 
 
@@ -163,7 +165,6 @@ def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) ->
         "batch": {"max_batch_size": args.batch, "wait_s": args.batch_wait_s},
         "classifier": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1, "num_gpus": 0.5 if args.gpu else 0,
                        "max_ongoing_requests": max(args.batch, args.concurrency), "max_queued_requests": 4 * args.concurrency},
-        "ingress": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5},
     }
 
     def phase(path: str, app) -> None:
@@ -177,7 +178,9 @@ def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) ->
         finally:
             serve.delete(app_name)
 
-    phase("a", build_app(serve_args))
+    for topology in TOPOLOGIES:
+        ingress = {"ingress": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}} if topology == "split" else {}
+        phase(f"a_{topology}", build_app({**serve_args, "topology": topology, **ingress}))
 
     # (b) plain Ray Serve
     checkpoint = workdir / key / "ckpt" / name
@@ -186,11 +189,16 @@ def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) ->
         str(checkpoint), "cuda" if args.gpu else "cpu")
     phase("b", plain)
 
-    row["a_over_c"] = row["a"]["ok_per_s"] / row["c_images_per_s"]
-    row["a_over_b"] = row["a"]["ok_per_s"] / row["b"]["ok_per_s"] if row["b"]["ok_per_s"] else None
-    row["overhead_ms"] = row["a_c1"]["p50_ms"] - row["direct"]["total_ms"] if row["a_c1"]["p50_ms"] else None
-    # at concurrency 1 a batch never fills: every request also waits batch_wait_s for company
-    row["overhead_beyond_batch_wait_ms"] = None if row["overhead_ms"] is None else row["overhead_ms"] - args.batch_wait_s * 1e3
+    for topology in TOPOLOGIES:
+        a, a_c1 = row[f"a_{topology}"], row[f"a_{topology}_c1"]
+        overhead = a_c1["p50_ms"] - row["direct"]["total_ms"] if a_c1["p50_ms"] else None
+        row[f"ratios_{topology}"] = {
+            "a_over_c": a["ok_per_s"] / row["c_images_per_s"],
+            "a_over_b": a["ok_per_s"] / row["b"]["ok_per_s"] if row["b"]["ok_per_s"] else None,
+            "overhead_ms": overhead,
+            # at concurrency 1 a batch never fills: every request also waits batch_wait_s for company
+            "overhead_beyond_batch_wait_ms": None if overhead is None else overhead - args.batch_wait_s * 1e3,
+        }
     return row
 
 
@@ -248,7 +256,8 @@ def main() -> None:
     for col in ("model", "path", "req/s", "p50 ms", "p99 ms", "c=1 p50 ms", "non-200"):
         table.add_column(col, justify="right")
     for r in rows:
-        for path, main_, c1 in (("(a) VisionRay", r["a"], r["a_c1"]), ("(b) plain Serve", r["b"], r["b_c1"])):
+        paths = [(f"(a) VisionRay {t}", r[f"a_{t}"], r[f"a_{t}_c1"]) for t in TOPOLOGIES] + [("(b) plain Serve", r["b"], r["b_c1"])]
+        for path, main_, c1 in paths:
             bad = {k: v for k, v in main_["by_status"].items() if k != "200"}
             table.add_row(r["model"], path, f"{main_['ok_per_s']:.1f}", ms(main_["p50_ms"]), ms(main_["p99_ms"]),
                           ms(c1["p50_ms"]), str(bad or "-"))
@@ -256,12 +265,14 @@ def main() -> None:
         table.add_row(r["model"], "direct decode+predict", "", "", "", ms(r["direct"]["total_ms"]), "", end_section=True)
     console.print(table)
     ratios = Table(title="ratios")
-    for col in ("model", f"(a)/(c) (goal >= {GOALS['a_over_c']}, seed_cnn)", f"(a)/(b) (goal >= {GOALS['a_over_b']:g})",
+    for col in ("model", "(a) topology", f"(a)/(c) (goal >= {GOALS['a_over_c']}, seed_cnn)", f"(a)/(b) (goal >= {GOALS['a_over_b']:g})",
                 f"p50 overhead ms (goal <= {GOALS['overhead_ms']:g})", "of which not batch wait ms"):
         ratios.add_column(col, justify="right")
     for r in rows:
-        ratios.add_row(r["model"], f"{r['a_over_c']:.2f}", "-" if r["a_over_b"] is None else f"{r['a_over_b']:.2f}",
-                       ms(r["overhead_ms"]), ms(r["overhead_beyond_batch_wait_ms"]))
+        for t in TOPOLOGIES:
+            q = r[f"ratios_{t}"]
+            ratios.add_row(r["model"], t, f"{q['a_over_c']:.2f}", "-" if q["a_over_b"] is None else f"{q['a_over_b']:.2f}",
+                           ms(q["overhead_ms"]), ms(q["overhead_beyond_batch_wait_ms"]))
     console.print(ratios)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({

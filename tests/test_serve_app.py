@@ -409,6 +409,45 @@ def test_overload_answers_503_with_retry_after_instead_of_waiting(serve_url, dig
         serve.delete("tight")
 
 
+def test_combined_topology_serves_the_same_answers_in_one_deployment(serve_url, digits_registry, keys, tmp_path):
+    """topology: combined: one deployment (named Classifier) sanitizes, decodes and classifies: the same
+    answers as evaluate, the same JSON rejections, and overload is Serve's 503 with Retry-After."""
+    from ray import serve
+
+    from visionray.serve.app import build_app
+
+    args = app_args(digits_registry, keys, topology="combined", batch={"max_batch_size": 1, "wait_s": 0.0},
+                    classifier={"max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 2})
+    del args["ingress"]
+    serve.run(build_app(args), name="combined", route_prefix="/combined")
+    try:
+        url = f"{serve_url}/combined"
+        assert set(serve.status().applications["combined"].deployments) == {"Classifier"}
+        folder = render_digits(tmp_path / "digits", count=30)
+        files, expected, _ = expected_top1(digits_registry, keys, "digits@best", folder)
+        assert served_top1(url, files, per_request=1) == expected
+        bad = httpx.post(f"{url}/v1/classify", content=b"GIF89a....", headers={"content-type": "image/png"}, timeout=30)
+        assert bad.status_code == 415 and bad.json()["code"] == "content_mismatch"
+        assert httpx.get(f"{url}/readyz", timeout=30).json()["model"] == {"name": "digits", "version": 1}
+        (tmp_path / "img").mkdir()
+        (tmp_path / "img" / "a.jpg").write_bytes(JPEG)
+        report = asyncio.run(loadtest(url, read_images(tmp_path / "img"), concurrency=24, duration_s=3.0, timeout_s=10.0))
+        assert report.statuses[503] > 0 and report.statuses[200] > 0, report.to_json()
+        assert set(report.statuses) <= {200, 503}, report.to_json()
+
+        async def burst():
+            async with httpx.AsyncClient(timeout=10) as ac:
+                return await asyncio.gather(*(ac.post(f"{url}/v1/classify", content=JPEG,
+                                                      headers={"content-type": "image/jpeg"}) for _ in range(24)))
+
+        r503 = next((r for r in asyncio.run(burst()) if r.status_code == 503), None)
+        assert r503 is not None and r503.headers["retry-after"] == "2"
+        with Client(url, retries=5) as client:
+            assert client.classify([JPEG])["results"]
+    finally:
+        serve.delete("combined")
+
+
 def test_replicas_scale_up_under_load_and_back_down(serve_url, digits_registry, keys, tmp_path):
     from ray import serve
 

@@ -501,6 +501,8 @@ BAD_SPECS = [
     ({"model": "d@best", "sanitizer": {"max_body_bytes": 10}}, "sanitizer.max_body_bytes"),
     ({"model": "d@best", "classifier": {"min_replicas": -1}}, "classifier.min_replicas"),
     ({"model": "d@best", "autoscale": {}}, "autoscale: unknown field"),
+    ({"model": "d@best", "topology": "merged"}, "topology: Input should be 'split' or 'combined'"),
+    ({"model": "d@best", "topology": "combined", "ingress": {"max_replicas": 3}}, "ingress is set but topology is 'combined'"),
 ]
 
 

@@ -1,6 +1,6 @@
 """The Ray Serve application: ``build_app(args)`` for ``serve run``/``serve deploy`` and ``visionray serve``.
 
-Two deployments, each autoscaled on its own:
+``topology: split`` (the default), two deployments, each autoscaled on its own:
 
 - ``Ingress``: the FastAPI app of ``visionray.serve.api`` behind ``SanitizerMiddleware`` (the
   middleware lives on the ingress: Ray 2.60 has no ``HTTPOptions.middlewares``); it decodes images
@@ -12,6 +12,12 @@ Two deployments, each autoscaled on its own:
   the constructor raises when verification fails, so a tampered or unsigned model never deploys.
   Inference is batched with ``@serve.batch`` (size and wait from the config), in
   ``torch.inference_mode``, fp16 + channels_last on a GPU. Its health check fails without a model.
+
+``topology: combined``, one deployment (``Classifier``, configured by ``classifier``) that is both:
+the same API, middleware, verification and batched model in one replica, so a request crosses one
+process boundary fewer (about 4 to 10 ms less at concurrency 1 on a 2-core machine,
+``benchmarks/serve.py``). Overload is then answered by Serve's proxy from the deployment's own
+``max_ongoing_requests``/``max_queued_requests``: 503 with Retry-After, a plain-text body.
 
 Prometheus (Ray's metrics endpoint): Serve's own request, latency, queue and replica metrics, plus
 ``visionray_serve_rejected_total{reason}`` and ``visionray_serve_images_total``.
@@ -39,8 +45,10 @@ from visionray.serve.sanitize import Rejection
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(name="Classifier")
-class Classifier:
+class ModelReplica:
+    """What every model-holding replica does: load the pinned model (signature verified first; the
+    constructor raises otherwise, so nothing unverified deploys) and classify batches."""
+
     def __init__(self, source: Source, spec: ServeSpec):
         self.predictor: Predictor | None = None
         device = pick_device(spec.device)
@@ -67,6 +75,30 @@ class Classifier:
 
     def __del__(self) -> None:
         self.predictor = None  # graceful shutdown: Serve drains requests first, then frees the model
+
+
+class ApiReplica:
+    """What every HTTP-facing replica does: serve ``make_api`` (routes and ``SanitizerMiddleware``)
+    over ``backend``, counting rejections and images for Prometheus."""
+
+    def _init_api(self, spec: ServeSpec, backend: Any) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.rejected = Counter("visionray_serve_rejected_total", description="requests refused, by reason",
+                                tag_keys=("reason",))
+        self.images = Counter("visionray_serve_images_total", description="images classified")
+
+    def _count_rejection(self, reason: str) -> None:
+        self.rejected.inc(tags={"reason": reason})
+
+    def __serve_build_asgi_app__(self):
+        return make_api(self.spec, self.backend, on_reject=self._count_rejection, on_images=self.images.inc,
+                        echo_request_id=False)  # Serve's proxy sets and echoes X-Request-ID
+
+
+@serve.deployment(name="Classifier")
+class Classifier(ModelReplica):
+    """``topology: split``: the model replicas, called by the ingress through a handle."""
 
 
 class HandleBackend:
@@ -96,20 +128,35 @@ class HandleBackend:
 
 @serve.deployment(name="Ingress")
 @serve.ingress()
-class Ingress:
+class Ingress(ApiReplica):
+    """``topology: split``: sanitizes and decodes, then calls the Classifier deployment."""
+
     def __init__(self, classifier: DeploymentHandle, spec: ServeSpec):
-        self.spec = spec
-        self.backend = HandleBackend(classifier, spec.classifier.retry_after_s)
-        self.rejected = Counter("visionray_serve_rejected_total", description="requests refused, by reason",
-                                tag_keys=("reason",))
-        self.images = Counter("visionray_serve_images_total", description="images classified")
+        self._init_api(spec, HandleBackend(classifier, spec.classifier.retry_after_s))
 
-    def _count_rejection(self, reason: str) -> None:
-        self.rejected.inc(tags={"reason": reason})
 
-    def __serve_build_asgi_app__(self):
-        return make_api(self.spec, self.backend, on_reject=self._count_rejection, on_images=self.images.inc,
-                        echo_request_id=False)  # Serve's proxy sets and echoes X-Request-ID
+class ReplicaBackend:
+    """The replica's own batched model, seen from its API (``topology: combined``)."""
+
+    def __init__(self, replica: ModelReplica):
+        self.replica = replica
+
+    async def info(self) -> dict[str, Any]:
+        return self.replica.describe()
+
+    async def classify(self, image: np.ndarray, k: int) -> list[Label]:
+        return await self.replica.infer(image, k)
+
+
+@serve.deployment(name="Classifier")
+@serve.ingress()
+class CombinedClassifier(ModelReplica, ApiReplica):
+    """``topology: combined``: one deployment sanitizes, decodes and classifies (batched across the
+    replica's concurrent requests): no ingress -> classifier hop, no second process per request."""
+
+    def __init__(self, source: Source, spec: ServeSpec):
+        ModelReplica.__init__(self, source, spec)
+        self._init_api(spec, ReplicaBackend(self))
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -117,5 +164,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     ``args`` is validated as a ``ServeSpec``; the model alias is pinned to its current version."""
     spec = load_serve_spec(args)
     source = resolve_source(spec)
+    if spec.topology == "combined":
+        return CombinedClassifier.options(**spec.classifier.options()).bind(source, spec)
     classifier = Classifier.options(**spec.classifier.options()).bind(source, spec)
     return Ingress.options(**spec.ingress.options()).bind(classifier, spec)

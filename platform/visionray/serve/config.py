@@ -149,6 +149,10 @@ class ServeSpec(Strict):
     auth: AuthSpec = Field(default_factory=AuthSpec)
     rate_limit: RateLimitSpec = Field(default_factory=RateLimitSpec)
     batch: BatchSpec = Field(default_factory=BatchSpec)
+    topology: Literal["split", "combined"] = Field(
+        "split", description="split: an ingress deployment (sanitizer, decoding) calls the classifier replicas "
+                             "through a handle, each autoscaled on its own; combined: one deployment (`classifier`) "
+                             "sanitizes, decodes and classifies, one hop and one process per request fewer")
     classifier: DeploymentSpec = Field(default_factory=DeploymentSpec, description="the model replicas")
     ingress: DeploymentSpec = Field(default_factory=_ingress_default, description="the HTTP ingress replicas (sanitizer, decoding)")
 
@@ -174,6 +178,9 @@ class ServeSpec(Strict):
                 f"classifier.max_ongoing_requests={self.classifier.max_ongoing_requests} is below "
                 f"batch.max_batch_size={self.batch.max_batch_size}: batches could never fill"
             )
+        if self.topology == "combined" and "ingress" in self.model_fields_set:
+            raise ValueError("ingress is set but topology is 'combined': there is no separate ingress deployment; "
+                             "configure the one deployment under classifier, or use topology: split")
         return self
 
 
