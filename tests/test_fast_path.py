@@ -41,6 +41,56 @@ def test_batched_flip_only_mirrors():
     assert all(s or m for s, m in zip(same, mirrored)) and 10 < sum(mirrored) < 54
 
 
+def test_alternating_flips_mirror_each_image_every_other_epoch():
+    """airbench94's alternating flip: a seeded coin per image of the split, flipped in odd epochs;
+    the same coins on every worker (indices are the split's), whatever the worker's generator."""
+    from visionray.specs import FlipCropOp
+    from visionray.transforms import batch_augment
+
+    x = normalize_batch(PRESET, _images(40))
+    index = torch.arange(100, 140)
+    op = FlipCropOp(padding=0, flip="alternate")
+    rank0 = batch_augment([op], torch.Generator().manual_seed(0), num_images=200, seed=7)
+    rank1 = batch_augment([op], torch.Generator().manual_seed(1), num_images=200, seed=7)
+
+    def mirrored(out):
+        assert all(torch.equal(o, i) or torch.equal(o, i.flip(-1)) for o, i in zip(out, x))
+        return torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, x)])
+
+    e0, e1, e2 = (mirrored(rank0(x, index, e)) for e in range(3))
+    assert torch.equal(e1, ~e0) and torch.equal(e2, e0) and 5 < e0.sum() < 35
+    assert torch.equal(mirrored(rank1(x, index, 0)), e0)
+    assert not torch.equal(mirrored(rank0(x, torch.arange(40), 0)), e0)  # another image, another coin
+
+
+def test_onecycle_shape_is_airbench94s_triangle():
+    from visionray.specs import OptimSpec
+    from visionray.train import lr_factor
+
+    default = lr_factor(OptimSpec(epochs=4), steps_per_epoch=25)  # 100 steps: 0 -> 1 at step 25 -> 0
+    assert [default(s) for s in (0, 25, 100)] == [0.0, 1.0, 0.0] and default(50) == pytest.approx(2 / 3)
+    tri = lr_factor(OptimSpec(epochs=4, onecycle={"start": 0.2, "peak_at": 0.23, "end": 0.07}), steps_per_epoch=25)
+    assert tri(0) == pytest.approx(0.2) and tri(23) == pytest.approx(1.0) and tri(100) == pytest.approx(0.07)
+    assert tri(10) == pytest.approx(0.2 + 0.8 * 10 / 23) and tri(60) == pytest.approx(1 - 0.93 * 37 / 77)
+
+
+def test_whitening_bias_trains_only_its_epochs():
+    spec = load_spec("jobs/cifar10-fast.yaml", [
+        "data.source=digits", "data.path=null", "data.channels=3", "data.mean=null", "data.std=null",
+        "model.width=8", "model.whiten_bias_epochs=1", "optim.lookahead=null", "optim.epochs=3", "optim.batch_size=256",
+        "scaling.gpu=false", "scaling.compile=false", "scaling.precision=fp32",
+    ])
+    worker = Worker(spec, 0, 1, torch.device("cpu"))
+    bias = worker.model.whiten.bias
+    start = bias.detach().clone()
+    worker.run_epoch(0)
+    after_first = bias.detach().clone()
+    worker.run_epoch(1)
+    assert not torch.equal(start, after_first) and torch.equal(after_first, bias)
+    group = next(g for g in worker.optimizer.param_groups if "train_epochs" in g)
+    assert group["params"] == [bias] and group["lr"] == 0.0 and worker.optimizer.param_groups[0]["lr"] > 0
+
+
 def test_cifar10_fast_recipe_runs_correctly_on_cpu():
     """jobs/cifar10-fast.yaml's options (airbench, batched pipeline, whitening, label smoothing,
     flip TTA) on CPU with digits standing in for the archive: it learns."""

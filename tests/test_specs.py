@@ -31,6 +31,9 @@ GOOD = [
     {"model": {"name": "seed_cnn"}, "data": {"image_size": 224, "channels": 3}},
     {"register": {"name": "digits", "alias": "production"}},
     {"scaling": {"workers": 4, "gpu": True, "precision": "fp16"}},
+    {"optim": {"onecycle": {"start": 0.2, "peak_at": 0.23, "end": 0.07}}},
+    {"data": {"pipeline": "batched"}, "augment": [{"op": "flip_crop", "flip": "alternate"}],
+     "model": {"name": "airbench", "whiten_bias_epochs": 3}},
 ]
 
 
@@ -56,6 +59,11 @@ BAD = [  # (raw spec, words the one error line must contain)
     ({"scaling": {"workers": 0}}, ["scaling.workers", "greater than or equal to 1", "0"]),
     ({"output": {"name": "../evil"}}, ["output.name", "pattern", "../evil"]),
     ({"register": {"name": "Bad Name"}}, ["register.name", "pattern"]),
+    ({"optim": {"schedule": "cosine", "onecycle": {"start": 0.2}}}, ["optim", "onecycle", "schedule is 'cosine'"]),
+    ({"optim": {"warmup_epochs": 1, "onecycle": {}}}, ["optim", "warmup_epochs=1.0", "onecycle.start"]),
+    ({"optim": {"onecycle": {"peak_at": 1.0}}}, ["optim.onecycle.peak_at", "less than 1", "1.0"]),
+    ({"augment": [{"op": "flip_crop", "flip": "alternate"}]}, ["flip 'alternate'", "data.pipeline 'batched'", "per_sample"]),
+    ({"model": {"name": "convnet", "whiten_bias_epochs": 3}}, ["model", "convnet", "whiten_bias_epochs"]),
 ]
 
 

@@ -218,10 +218,12 @@ class AirbenchNet(nn.Module):
     """The purpose-built CIFAR-10 net of the speed record (Keller Jordan's airbench94): a frozen 2x2
     patch-whitening convolution initialised from the training data, three conv groups of
     ``width``, 4x and 4x channels (dirac-initialised convs, BatchNorm with fixed scales),
-    max-pooling and a scaled linear head."""
+    max-pooling and a scaled linear head. ``whiten_bias_epochs``: the whitening bias trains for that
+    many epochs only (``param_epochs`` tells the optimiser)."""
 
-    def __init__(self, num_classes: int, in_channels: int, width: int):
+    def __init__(self, num_classes: int, in_channels: int, width: int, whiten_bias_epochs: float | None = None):
         super().__init__()
+        self.whiten_bias_epochs = whiten_bias_epochs
         self.whiten = nn.Conv2d(in_channels, 2 * in_channels * 4, 2, bias=True)
         self.body = nn.Sequential(
             nn.GELU(), _ConvGroup(self.whiten.out_channels, width), _ConvGroup(width, 4 * width),
@@ -231,6 +233,10 @@ class AirbenchNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(self.whiten(x))) / 9.0
+
+    def param_epochs(self) -> dict[int, float]:
+        """id(parameter) -> epochs it trains for, for parameters that stop early."""
+        return {} if self.whiten_bias_epochs is None else {id(self.whiten.bias): self.whiten_bias_epochs}
 
     @torch.no_grad()
     def init_whitening(self, images: torch.Tensor, eps: float = 5e-4) -> None:
@@ -249,10 +255,12 @@ class AirbenchNet(nn.Module):
 
 
 @register_model
-def airbench(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int = 64) -> nn.Module:
+def airbench(num_classes: int = 10, in_channels: int = 3, image_size: int = 32, width: int = 64,
+             whiten_bias_epochs: float | None = None) -> nn.Module:
     """airbench94's net for 32x32 inputs; ``data.pipeline: batched`` feeds it fastest. Its whitening
-    layer is initialised from the first 5,000 training images when training starts."""
-    return AirbenchNet(num_classes, in_channels, width)
+    layer is initialised from the first 5,000 training images when training starts; its bias
+    trains for ``whiten_bias_epochs`` (airbench94: 3), by default throughout."""
+    return AirbenchNet(num_classes, in_channels, width, whiten_bias_epochs)
 
 
 # --------------------------------------------------------------------------- test-time augmentation

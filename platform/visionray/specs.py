@@ -44,7 +44,9 @@ class NoneOp(Strict):
 class FlipCropOp(Strict):
     op: Literal["flip_crop"] = "flip_crop"
     padding: int = Field(4, ge=0, le=64, description="reflect padding before the random crop (px)")
-    flip: bool = Field(True, description="random horizontal flip; turn off for digits and text")
+    flip: bool | Literal["alternate"] = Field(True, description="random horizontal flip; turn off for digits and text; "
+                                              "alternate (airbench94, data.pipeline batched): each image mirrored in every "
+                                              "other epoch, starting from a seeded random half")
 
 
 class AutoAugmentOp(Strict):
@@ -211,6 +213,8 @@ class ModelSpec(Strict):
     width: int | None = Field(None, ge=1, le=4096, description="channels of the first stage (doubling per stage)")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout before the dense head")
     hidden: int | None = Field(None, ge=1, le=65536, description="convnet: units of the dense hidden layer")
+    whiten_bias_epochs: float | None = Field(None, ge=0.0, le=10_000, description="airbench: epochs its whitening "
+                                             "layer's bias trains for, then stays (airbench94: 3); default: all")
 
     def kwargs(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(exclude={"name"}).items() if v is not None}
@@ -231,6 +235,15 @@ class LookaheadSpec(Strict):
     power: float = Field(3.0, ge=0.0, le=10.0, description="that weight ramps up as decay * (step / total steps) ** power")
 
 
+class OneCycleSpec(Strict):
+    """The shape of the ``onecycle`` schedule: lr factors 0 -> 1 -> 0 by default; airbench94's is
+    0.2 -> 1 at 23% of training -> 0.07."""
+
+    start: float = Field(0.0, ge=0.0, le=1.0, description="lr factor at the first step")
+    peak_at: float = Field(0.25, gt=0.0, lt=1.0, description="fraction of training at which the factor is 1")
+    end: float = Field(0.0, ge=0.0, le=1.0, description="lr factor at the last step")
+
+
 class OptimSpec(Strict):
     name: Literal["sgd", "adam", "adamw"] = Field("adamw", description="sgd uses nesterov momentum")
     epochs: int = Field(10, ge=1, le=10_000)
@@ -245,6 +258,7 @@ class OptimSpec(Strict):
     lookahead: LookaheadSpec | None = Field(None, description="pull weights to their running average every few "
                                             "steps; they end as that average ({} for airbench94's values)")
     schedule: Literal["constant", "onecycle", "cosine", "step"] = "onecycle"
+    onecycle: OneCycleSpec | None = Field(None, description="onecycle's shape {start, peak_at, end}; default 0 -> 1 at 25% -> 0")
     warmup_epochs: float = Field(0.0, ge=0.0, description="linear warmup (epochs) before the schedule")
     step_epochs: int = Field(30, ge=1, description="step schedule: epochs between decays")
     step_gamma: float = Field(0.1, gt=0.0, le=1.0, description="step schedule: lr factor per decay")
@@ -255,6 +269,12 @@ class OptimSpec(Strict):
     def _check(self) -> "OptimSpec":
         if self.warmup_epochs >= self.epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
+        if self.onecycle is not None and self.schedule != "onecycle":
+            raise ValueError(f"onecycle shapes the onecycle schedule, but schedule is {self.schedule!r}; drop onecycle "
+                             "or set schedule: onecycle")
+        if self.onecycle is not None and self.warmup_epochs:
+            raise ValueError(f"warmup_epochs={self.warmup_epochs} and onecycle both shape the rise of the lr; "
+                             "use onecycle.start and onecycle.peak_at alone")
         for b in self.betas:
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"betas={list(self.betas)}: each must be in [0, 1)")
@@ -334,6 +354,9 @@ class TrainSpec(Strict):
                         f"augment op {op.op!r} has no batched form; with data.pipeline 'batched' use "
                         f"{' or '.join(BATCHED_OPS)}, or set data.pipeline: per_sample"
                     )
+        elif any(op.op == "flip_crop" and op.flip == "alternate" for op in self.augment):
+            raise ValueError(f"augment flip_crop flip 'alternate' needs data.pipeline 'batched' (it is "
+                             f"{self.data.pipeline!r}); or use flip: true")
         return self
 
     def eval_preset(self, channels: int) -> EvalPreset:

@@ -25,7 +25,7 @@ from visionray import checkpoint as ckpt
 from visionray import data as vdata
 from visionray.defaults import LR_REFERENCE_BATCH
 from visionray.models import create_model, tta_logits
-from visionray.specs import LookaheadSpec, OptimSpec, TrainSpec
+from visionray.specs import LookaheadSpec, OneCycleSpec, OptimSpec, TrainSpec
 from visionray.transforms import batch_augment, eval_transform, normalize_batch, preprocess_all, train_transform
 
 
@@ -40,15 +40,25 @@ NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
 
 
 def build_optimizer(optim: OptimSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Parameter groups: weights (decayed), biases and norm scales (not), norm biases at
+    ``norm_bias_lr_scale`` x lr if that is not 1, and one group per parameter the model trains for
+    a limited number of epochs (``param_epochs``; ``lr_factors`` zeroes its lr after them)."""
     norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, NORM_LAYERS) and m.bias is not None}
+    limited = model.param_epochs() if hasattr(model, "param_epochs") else {}
     scale_norm_biases = optim.norm_bias_lr_scale != 1.0
-    decay, no_decay, scaled = [], [], []
+    decay, no_decay, scaled, stopping = [], [], [], []
     for p in model.parameters():  # no weight decay on biases and norm scales; frozen parameters left out
-        if p.requires_grad:
+        if not p.requires_grad:
+            continue
+        if id(p) in limited:
+            stopping.append({"params": [p], "weight_decay": optim.weight_decay if p.ndim > 1 else 0.0,
+                             "train_epochs": limited[id(p)]})
+        else:
             (scaled if scale_norm_biases and id(p) in norm_biases else decay if p.ndim > 1 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if scale_norm_biases:
         groups.append({"params": scaled, "weight_decay": 0.0, "lr": lr * optim.norm_bias_lr_scale})
+    groups += stopping
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.momentum > 0)
     cls = torch.optim.Adam if optim.name == "adam" else torch.optim.AdamW
@@ -59,6 +69,8 @@ def lr_factor(optim: OptimSpec, steps_per_epoch: int) -> Callable[[int], float]:
     """Multiplier of the base lr at a given optimiser step: linear warmup, then the schedule."""
     total = optim.epochs * steps_per_epoch
     warmup = int(optim.warmup_epochs * steps_per_epoch)
+    shape = optim.onecycle or OneCycleSpec()
+    peak = 0.0 if warmup else shape.peak_at
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -69,14 +81,26 @@ def lr_factor(optim: OptimSpec, steps_per_epoch: int) -> Callable[[int], float]:
                 return 1.0
             case "cosine":
                 return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-            case "onecycle":  # linear up for the first 25% (unless warmup does that), linear down to 0
-                peak = 0.0 if warmup else 0.25
-                return max(0.0, t / peak if t < peak else (1 - t) / (1 - peak))
+            case "onecycle":  # linear start -> 1 (unless warmup did that), then linear 1 -> end
+                if t < peak:
+                    return shape.start + (1 - shape.start) * t / peak
+                return 1 + (shape.end - 1) * min(1.0, (t - peak) / (1 - peak))
             case "step":
                 return optim.step_gamma ** ((step // steps_per_epoch) // optim.step_epochs)
         raise AssertionError(optim.schedule)
 
     return factor
+
+
+def lr_factors(optim: OptimSpec, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> list[Callable[[int], float]]:
+    """One lr multiplier per parameter group: the schedule, and 0 once a group's ``train_epochs`` are over."""
+    factor = lr_factor(optim, steps_per_epoch)
+
+    def until(epochs: float) -> Callable[[int], float]:
+        last = round(epochs * steps_per_epoch)
+        return lambda step: factor(step) if step < last else 0.0
+
+    return [until(g["train_epochs"]) if "train_epochs" in g else factor for g in optimizer.param_groups]
 
 
 class Lookahead:
@@ -222,7 +246,7 @@ def _epoch_batches(spec: TrainSpec, data, transforms, rank: int, world: int, epo
         preset, augment = train_tf
         dev = data.train.images.device
         return (
-            ((augment(normalize_batch(preset, data.train.images[c])), data.train.labels[c])
+            ((augment(normalize_batch(preset, data.train.images[c]), c, epoch), data.train.labels[c])
              for c in (torch.as_tensor(c, device=dev) for c in train_chunks)),
             ((normalize_batch(preset, data.val.images[c]), data.val.labels[c])
              for c in (torch.as_tensor(c, device=dev) for c in val_chunks)),
@@ -331,7 +355,8 @@ class Worker:
                 vdata.ImageArrays(preprocess_all(preset, a.images).to(device), a.labels.to(device))
                 for a in (data.train, data.val)
             ), data.classes)
-            self.transforms = ((preset, batch_augment(spec.augment, torch.Generator().manual_seed(spec.seed * 1000 + rank))), None)
+            augment = batch_augment(spec.augment, torch.Generator().manual_seed(spec.seed * 1000 + rank), len(data.train), spec.seed)
+            self.transforms = ((preset, augment), None)
         else:
             self.transforms = (train_transform(preset, spec.augment), eval_transform(preset))
         self.data = data
@@ -340,7 +365,7 @@ class Worker:
         model = create_model(spec.model.name, len(self.classes), preset.channels, preset.image_size, **self.model_kwargs)
         model = model.to(device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
         self.optimizer = build_optimizer(spec.optim, model, effective_lr(spec.optim, spec.optim.batch_size * world))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(spec.optim, steps))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factors(spec.optim, self.optimizer, steps))
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.start_epoch = 0
         if restore_dir is not None:

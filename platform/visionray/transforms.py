@@ -131,14 +131,19 @@ def normalize_batch(preset: EvalPreset, images: torch.Tensor) -> torch.Tensor:
 class BatchFlipCrop:
     """``flip_crop`` on whole float batches on their device: reflect-pad, one random crop offset
     and one coin flip per image. Per-pixel normalisation commutes with both, so the result matches
-    the per-sample op applied before normalising."""
+    the per-sample op applied before normalising. ``flip="alternate"`` (airbench94): image ``i`` is
+    mirrored in epoch ``e`` when ``base[i] xor (e odd)``, ``base`` a seeded coin per image of the
+    split, so every image is seen both ways in any two epochs in a row."""
 
-    def __init__(self, padding: int, flip: bool, generator: torch.Generator | None = None):
+    def __init__(self, padding: int, flip: bool | str, generator: torch.Generator | None = None,
+                 base_flips: torch.Tensor | None = None):
+        assert flip != "alternate" or base_flips is not None, "alternate flips need the split's base_flips"
         self.padding = padding
         self.flip = flip
         self.generator = generator
+        self.base_flips = base_flips
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, index: torch.Tensor | None = None, epoch: int = 0) -> torch.Tensor:
         b, _, h, w = x.shape
         dev = x.device
         if self.padding:
@@ -149,19 +154,29 @@ class BatchFlipCrop:
             rows = (dy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
             cols = (dx[:, None] + torch.arange(w, device=dev))[:, None, None, :]
             x = xp[torch.arange(b, device=dev)[:, None, None, None], torch.arange(x.shape[1], device=dev)[None, :, None, None], rows, cols]
-        if self.flip:
+        if self.flip == "alternate":
+            if self.base_flips.device != dev:
+                self.base_flips = self.base_flips.to(dev)
+            mask = self.base_flips[index] ^ bool(epoch % 2)
+            x = torch.where(mask[:, None, None, None], x.flip(-1), x)
+        elif self.flip:
             mask = (torch.rand(b, generator=self.generator) < 0.5).to(dev)
             x = torch.where(mask[:, None, None, None], x.flip(-1), x)
         return x
 
 
-def batch_augment(augment: Sequence[AugmentOp], generator: torch.Generator | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The batched form of a policy made only of ``none`` and ``flip_crop`` ops (the spec checks that)."""
-    steps = [BatchFlipCrop(op.padding, op.flip, generator) for op in augment if op.op == "flip_crop"]
+def batch_augment(augment: Sequence[AugmentOp], generator: torch.Generator, num_images: int, seed: int
+                  ) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """The batched form of a policy made only of ``none`` and ``flip_crop`` ops (the spec checks
+    that): ``apply(batch, its indices in the split, epoch)``. ``generator`` draws this worker's
+    crops and coin flips; alternate flips' base coins come from ``seed``, the same on every worker
+    (indices are the whole split's)."""
+    base = torch.rand(num_images, generator=torch.Generator().manual_seed(seed)) < 0.5
+    steps = [BatchFlipCrop(op.padding, op.flip, generator, base) for op in augment if op.op == "flip_crop"]
 
-    def apply(x: torch.Tensor) -> torch.Tensor:
+    def apply(x: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
         for step in steps:
-            x = step(x)
+            x = step(x, index, epoch)
         return x
 
     return apply

@@ -178,7 +178,7 @@ class ServeSpec(Strict):
                 f"classifier.max_ongoing_requests={self.classifier.max_ongoing_requests} is below "
                 f"batch.max_batch_size={self.batch.max_batch_size}: batches could never fill"
             )
-        if self.topology == "combined" and "ingress" in self.model_fields_set:
+        if self.topology == "combined" and self.ingress != _ingress_default():
             raise ValueError("ingress is set but topology is 'combined': there is no separate ingress deployment; "
                              "configure the one deployment under classifier, or use topology: split")
         return self
