@@ -130,3 +130,14 @@ def test_validate_cli_ok_and_set(tmp_path: Path):
 def test_validate_missing_file():
     result = runner.invoke(app, ["validate", "/nonexistent/job.yaml"])
     assert result.exit_code == 2 and "cannot read spec" in result.output
+
+
+def test_relative_data_paths_become_absolute_from_the_current_directory(tmp_path, monkeypatch):
+    from visionray.specs import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    spec = TrainSpec.model_validate({"data": {"source": "imagefolder", "path": "data/train.tar.gz", "val_path": "/abs/val",
+                                              "root": "s3://bucket/x"}})
+    fixed = with_absolute_paths(spec)
+    assert (fixed.data.path, fixed.data.val_path, fixed.data.root) == (str(tmp_path / "data" / "train.tar.gz"), "/abs/val", "s3://bucket/x")
+    assert spec.data.path == "data/train.tar.gz" and with_absolute_paths(fixed) is fixed  # a copy; idempotent

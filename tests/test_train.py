@@ -104,11 +104,30 @@ def test_cli_train_then_evaluate(ray_cluster, tmp_path):
     (["train", "--set", "model.name=vgg"], "unknown model"),
     (["train", "--workers", "0"], "--workers"),
     (["evaluate", "/nonexistent/run"], "/nonexistent/run"),
+    (["train", "--set", "data.source=imagefolder", "--set", "data.path=no/such.tar.gz"], "data.path: 'no/such.tar.gz' does not exist"),
 ])
 def test_cli_bad_input_exits_2(args, word):
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
     assert word in result.output and "Traceback" not in result.output
+
+
+def test_relative_data_path_means_where_the_command_runs(ray_cluster, tmp_path, monkeypatch):
+    """Ray Train's workers run in directories of their own: `data.path: imgs` must still name
+    ./imgs of the shell that ran `visionray train`, and the checkpoint records the absolute path."""
+    from PIL import Image
+
+    for c, name in enumerate(["dark", "light"]):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        for i in range(20):
+            Image.new("L", (12, 12), 30 + 150 * c + i).save(tmp_path / "imgs" / name / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "--set", "data.source=imagefolder", "--set", "data.path=imgs",
+                                 "--set", "data.channels=1", "--set", "optim.epochs=1", "--set", "output.storage=runs",
+                                 "--set", "output.name=relative"])
+    assert result.exit_code == 0, result.output
+    _, meta = ckpt.load_model(vtrain.best_checkpoint(str(tmp_path / "runs" / "relative")))
+    assert meta["spec"]["data"]["path"] == str(tmp_path / "imgs") and meta["classes"] == ["dark", "light"]
 
 
 @pytest.mark.cifar

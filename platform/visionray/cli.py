@@ -7,6 +7,7 @@ traceback unless VISIONRAY_DEBUG=1.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -74,7 +75,7 @@ def train(
 ) -> None:
     """Train a CNN with Ray Train; the same job name again resumes from its latest checkpoint."""
     from visionray import train as vtrain
-    from visionray.specs import load_spec
+    from visionray.specs import load_spec, with_absolute_paths
 
     overrides = list(set_)
     if workers is not None:
@@ -82,9 +83,16 @@ def train(
     if gpu:
         overrides.append("scaling.gpu=true")
     with user_errors():
-        spec = load_spec(spec_file or QUICKSTART, overrides)
+        given = load_spec(spec_file or QUICKSTART, overrides)
+        spec = with_absolute_paths(given)
         if spec.registration is not None:  # fail before training, not after, when no key can sign
             cli_registry.check_registration(spec.registration)
+    if not (address or os.environ.get("RAY_ADDRESS")):  # a local cluster: its workers read this machine's files
+        missing = [f"data.{name}: {getattr(given.data, name)!r} does not exist ({getattr(spec.data, name)}); "
+                   "give a directory of class folders or a .tar/.tar.gz"
+                   for name in ("path", "val_path") if getattr(spec.data, name) and not os.path.exists(getattr(spec.data, name))]
+        if missing:
+            fail(missing, f"{spec_file or QUICKSTART}: invalid spec")
     console.print(f"[bold]visionray train[/] {spec.output.name} -> {vtrain.run_dir(spec)}")
     done = vtrain.completed_epochs(spec)
     if done >= spec.optim.epochs:

@@ -6,6 +6,7 @@ these typed objects, never dicts.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -448,6 +449,17 @@ def validate_model(model: type[BaseModel], raw: dict[str, Any], source: str):
         return model.model_validate(raw)
     except ValidationError as exc:
         raise SpecError(source, format_errors(exc)) from None
+
+
+def with_absolute_paths(spec: TrainSpec) -> TrainSpec:
+    """``data.path``, ``data.val_path`` and ``data.root`` made absolute against the current
+    directory, where the user ran the command: Ray's workers run in directories of their own, so a
+    relative path read there would name another place. URIs and absolute paths are kept."""
+    data = spec.data
+    fixed = {name: os.path.abspath(os.path.expanduser(value)) for name in ("path", "val_path", "root")
+             if (value := getattr(data, name)) and "://" not in value
+             and os.path.abspath(os.path.expanduser(value)) != value}
+    return spec.model_copy(update={"data": data.model_copy(update=fixed)}) if fixed else spec
 
 
 def load_spec(path: str | Path | None, overrides: list[str] | None = None) -> TrainSpec:

@@ -25,7 +25,7 @@ from visionray import checkpoint as ckpt
 from visionray import data as vdata
 from visionray.defaults import LR_REFERENCE_BATCH
 from visionray.models import create_model, tta_logits
-from visionray.specs import LookaheadSpec, OneCycleSpec, OptimSpec, TrainSpec
+from visionray.specs import LookaheadSpec, OneCycleSpec, OptimSpec, TrainSpec, with_absolute_paths
 from visionray.transforms import batch_augment, eval_transform, normalize_batch, preprocess_all, train_transform
 
 
@@ -543,6 +543,7 @@ def build_trainer(spec: TrainSpec, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    spec = with_absolute_paths(spec)  # the workers' directories are not this one
     config: dict[str, Any] = {"spec": spec}
     datasets = None
     if spec.data.streaming:

@@ -51,6 +51,7 @@ from visionray.specs import (
     format_errors,
     read_yaml,
     validate_model,
+    with_absolute_paths,
 )
 
 log = logging.getLogger(__name__)
@@ -987,8 +988,10 @@ def run_search(
     """Run (or with ``resume`` continue) the search on the connected Ray cluster and collect it."""
     from ray import tune
 
-    # Trials keep the driver's working directory, so relative paths in the base job still resolve.
+    # Trials keep the driver's working directory; relative data paths are made absolute here, where
+    # the user ran the search, because Train's workers (and trials on other nodes) run elsewhere.
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+    spec = spec.model_copy(update={"base": with_absolute_paths(spec.base)})
     # The caller shows progress (``on_update``); Tune's own reporter stays quiet.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     exp = experiment_dir(spec)
