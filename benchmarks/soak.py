@@ -1,8 +1,9 @@
 """Soak: the real serving app (``visionray.serve.app:build_app``) under sustained concurrent load on
 loopback, with valid images mixed with hostile ones (truncated, bombs declared in the header, wrong
 type, gzip bomb, random bytes, polyglots). Checks that every hostile request gets its 4xx, that
-no request gets a 5xx or loses its connection, and that the Classifier and Ingress replica
-processes do not grow (RSS before and after, from ``ray.util.state.list_actors`` pids).
+no request gets a 5xx or loses its connection, and that the replica processes (Classifier and
+Ingress; one Classifier with ``--topology combined``) do not grow (RSS before and after, from
+``ray.util.state.list_actors`` pids).
 
 Exits 1 when any request got a 5xx, an unexpected status, a transport error or a timeout, or when
 a replica's RSS grew by more than ``--max-growth-pct`` percent AND ``--max-growth-mb`` MiB.
@@ -241,7 +242,7 @@ def free_port() -> int:
 
 
 def soak(port: int, duration_s: float, concurrency: int, max_growth_pct: float, max_growth_mb: float,
-         workdir: Path) -> dict[str, Any]:
+         workdir: Path, topology: str = "split") -> dict[str, Any]:
     """Deploy the app at ``/soak`` on the running Serve (port ``port``), soak it, delete it. The report."""
     from ray import serve
 
@@ -251,9 +252,10 @@ def soak(port: int, duration_s: float, concurrency: int, max_growth_pct: float, 
     registry, public = register_untrained(workdir, "soak", "convnet", {"depth": 4, "width": 32}, 3, size)
     args = {
         "model": "soak@best", "registry": str(registry), "public_keys": [str(public)],
-        "classifier": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25},
-        "ingress": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25},
+        "classifier": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}, "topology": topology,
     }
+    if topology == "split":
+        args["ingress"] = {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.25}
     serve.run(build_app(args), name=APP_NAME, route_prefix=ROUTE)
     url = f"http://127.0.0.1:{port}{ROUTE}"
     valid, hostile = cases(size)
@@ -348,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                         "when Ray already runs Serve, its port)")
     parser.add_argument("--max-growth-pct", type=float, default=25.0, help="RSS growth per replica allowed (%%) ...")
     parser.add_argument("--max-growth-mb", type=float, default=200.0, help="... or this many MiB, whichever is larger")
+    parser.add_argument("--topology", choices=("split", "combined"), default="split", help="the app's ServeSpec.topology")
     parser.add_argument("--out", default=str(HERE / "results" / "soak.json"))
     args = parser.parse_args(argv)
     if not 0 < args.duration <= 3600 or not 1 <= args.concurrency <= 1024:
@@ -368,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         with tempfile.TemporaryDirectory() as tmp:
-            report = soak(port, args.duration, args.concurrency, args.max_growth_pct, args.max_growth_mb, Path(tmp))
+            report = soak(port, args.duration, args.concurrency, args.max_growth_pct, args.max_growth_mb, Path(tmp),
+                          args.topology)
     finally:
         if own_ray:
             serve.shutdown()

@@ -205,13 +205,15 @@ def test_controller_restart_does_not_drop_the_app(fault_app):
     assert classifier_pids() == before  # the running replicas were adopted, not redeployed
 
 
-def test_short_soak_has_no_5xx_no_drops_and_bounded_memory(serve_port, tmp_path):
+@pytest.mark.parametrize("topology,replicas", [("split", {"Classifier", "Ingress"}), ("combined", {"Classifier"})])
+def test_short_soak_has_no_5xx_no_drops_and_bounded_memory(serve_port, tmp_path, topology, replicas):
     out = tmp_path / "soak.json"
-    code = soak.main(["--duration", "10", "--concurrency", "8", "--port", str(serve_port), "--out", str(out)])
+    code = soak.main(["--duration", "10", "--concurrency", "8", "--port", str(serve_port), "--out", str(out),
+                      "--topology", topology])
     report = json.loads(out.read_text())
     assert code == 0, report["failures"]
     assert report["five_xx"] == 0 and report["transport_errors"] == 0 and report["timeouts"] == 0
     assert report["by_status"].get("200", 0) > 0
     assert {"413", "415", "422"} <= set(report["by_status"])  # hostile input was sent and refused
-    assert {m["replica"].split()[0] for m in report["memory"]} == {"Classifier", "Ingress"}
+    assert {m["replica"].split()[0] for m in report["memory"]} == replicas
     assert not any(m["too_much"] for m in report["memory"])

@@ -15,7 +15,7 @@
 
 ``topology: combined``, one deployment (``Classifier``, configured by ``classifier``) that is both:
 the same API, middleware, verification and batched model in one replica, so a request crosses one
-process boundary fewer (about 4 to 10 ms less at concurrency 1 on a 2-core machine,
+process boundary fewer (6 to 11 ms less at concurrency 1 on a 2-core machine,
 ``benchmarks/serve.py``). Overload is then answered by Serve's proxy from the deployment's own
 ``max_ongoing_requests``/``max_queued_requests``: 503 with Retry-After, a plain-text body.
 
@@ -37,7 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
 from visionray.models import TTA_VIEWS
-from visionray.serve.api import make_api
+from visionray.serve.api import Backend, make_api
 from visionray.serve.config import ServeSpec, load_serve_spec
 from visionray.serve.model import Label, Predictor, Source, load_source, pick_device, resolve_source
 from visionray.serve.sanitize import Rejection
@@ -81,7 +81,7 @@ class ApiReplica:
     """What every HTTP-facing replica does: serve ``make_api`` (routes and ``SanitizerMiddleware``)
     over ``backend``, counting rejections and images for Prometheus."""
 
-    def _init_api(self, spec: ServeSpec, backend: Any) -> None:
+    def _init_api(self, spec: ServeSpec, backend: Backend) -> None:
         self.spec = spec
         self.backend = backend
         self.rejected = Counter("visionray_serve_rejected_total", description="requests refused, by reason",
