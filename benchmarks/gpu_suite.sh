@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 7's GPU checks in one go, on a machine with a CUDA GPU and the project importable:
-#   1. jobs/cifar10-fast.yaml (airbench, whitening init, label smoothing, flip TTA, bf16,
-#      channels_last, torch.compile) on the real CIFAR-10 train set with its held-out split;
+#   1. jobs/cifar10-fast.yaml (airbench94's recipe, bf16, channels_last, torch.compile) on the
+#      real CIFAR-10 train set with its held-out split;
 #   2. benchmarks/train_overhead.py --gpu (Ray Train against plain PyTorch, same Worker);
-#   3. benchmarks/serve.py --gpu ((a) VisionRay, (b) plain Serve, (c) raw forward).
+#   3. benchmarks/serve.py --gpu ((a) VisionRay split and combined, (b) plain Serve, (c) raw forward).
 # Each step has its own time limit and log; a failing step does not stop the next.
 #
 #   benchmarks/gpu_suite.sh OUT_DIR [CIFAR10_TAR]      (default ../shared/data/cifar10/train.tar.gz)
@@ -35,4 +35,4 @@ step cifar10_fast 180 "$py" -m visionray.cli train jobs/cifar10-fast.yaml \
 find "$runs" -name "metrics.csv" -exec cp {} "$out/cifar10_fast_metrics.csv" \; 2>/dev/null
 step train_overhead 140 "$py" benchmarks/train_overhead.py --gpu --samples 50000 --epochs 5 \
     --out "$out/train_overhead_gpu.json"
-step serve 200 "$py" benchmarks/serve.py --gpu --duration 5 --out "$out/serve_gpu.json"
+step serve 260 "$py" benchmarks/serve.py --gpu --duration 5 --out "$out/serve_gpu.json"
