@@ -75,7 +75,7 @@ def train(
 ) -> None:
     """Train a CNN with Ray Train; the same job name again resumes from its latest checkpoint."""
     from visionray import train as vtrain
-    from visionray.specs import load_spec, with_absolute_paths
+    from visionray.specs import load_spec
 
     overrides = list(set_)
     if workers is not None:
@@ -83,14 +83,14 @@ def train(
     if gpu:
         overrides.append("scaling.gpu=true")
     with user_errors():
-        given = load_spec(spec_file or QUICKSTART, overrides)
-        spec = with_absolute_paths(given)
+        spec = load_spec(spec_file or QUICKSTART, overrides)  # build_trainer makes its data paths absolute
         if spec.registration is not None:  # fail before training, not after, when no key can sign
             cli_registry.check_registration(spec.registration)
     if not (address or os.environ.get("RAY_ADDRESS")):  # a local cluster: its workers read this machine's files
-        missing = [f"data.{name}: {getattr(given.data, name)!r} does not exist ({getattr(spec.data, name)}); "
+        missing = [f"data.{name}: {value!r} does not exist ({os.path.abspath(os.path.expanduser(value))}); "
                    "give a directory of class folders or a .tar/.tar.gz"
-                   for name in ("path", "val_path") if getattr(spec.data, name) and not os.path.exists(getattr(spec.data, name))]
+                   for name in ("path", "val_path")
+                   if (value := getattr(spec.data, name)) and not os.path.exists(os.path.expanduser(value))]
         if missing:
             fail(missing, f"{spec_file or QUICKSTART}: invalid spec")
     console.print(f"[bold]visionray train[/] {spec.output.name} -> {vtrain.run_dir(spec)}")

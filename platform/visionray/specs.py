@@ -455,10 +455,11 @@ def with_absolute_paths(spec: TrainSpec) -> TrainSpec:
     """``data.path``, ``data.val_path`` and ``data.root`` made absolute against the current
     directory, where the user ran the command: Ray's workers run in directories of their own, so a
     relative path read there would name another place. URIs and absolute paths are kept."""
-    data = spec.data
-    fixed = {name: os.path.abspath(os.path.expanduser(value)) for name in ("path", "val_path", "root")
-             if (value := getattr(data, name)) and "://" not in value
-             and os.path.abspath(os.path.expanduser(value)) != value}
+    data, fixed = spec.data, {}
+    for name in ("path", "val_path", "root"):
+        value = getattr(data, name)
+        if value and "://" not in value and (absolute := os.path.abspath(os.path.expanduser(value))) != value:
+            fixed[name] = absolute
     return spec.model_copy(update={"data": data.model_copy(update=fixed)}) if fixed else spec
 
 

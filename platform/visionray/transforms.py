@@ -171,7 +171,8 @@ def batch_augment(augment: Sequence[AugmentOp], generator: torch.Generator, num_
     that): ``apply(batch, its indices in the split, epoch)``. ``generator`` draws this worker's
     crops and coin flips; alternate flips' base coins come from ``seed``, the same on every worker
     (indices are the whole split's)."""
-    base = torch.rand(num_images, generator=torch.Generator().manual_seed(seed)) < 0.5
+    alternate = any(op.op == "flip_crop" and op.flip == "alternate" for op in augment)
+    base = torch.rand(num_images, generator=torch.Generator().manual_seed(seed)) < 0.5 if alternate else None
     steps = [BatchFlipCrop(op.padding, op.flip, generator, base) for op in augment if op.op == "flip_crop"]
 
     def apply(x: torch.Tensor, index: torch.Tensor, epoch: int) -> torch.Tensor:
