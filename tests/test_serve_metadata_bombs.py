@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 from test_serve_sanitize import LIMITS, encode, png_chunk
 
-from visionray.serve.sanitize import Rejection, check_type, configure_pillow, decode_image
+from visionray.serve.decode import configure_pillow, decode_image
+from visionray.serve.errors import Rejection
+from visionray.serve.sanitize import check_type
 
 
 def _flat(value: int) -> Image.Image:

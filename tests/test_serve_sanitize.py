@@ -24,9 +24,9 @@ from visionray.models import create_model
 from visionray.serve.api import LocalBackend, make_api
 from visionray.serve.config import RateLimitSpec, SanitizerSpec, ServeSpec, load_serve_spec, read_serve_config
 from visionray.serve.model import Predictor
-from visionray.serve.sanitize import (
-    Rejection, RateLimiter, check_type, decode_image, sniff, to_model_mode,
-)
+from visionray.serve.decode import configure_pillow, decode_image, to_model_mode
+from visionray.serve.errors import Rejection
+from visionray.serve.sanitize import RateLimiter, check_type, sniff
 from visionray.specs import EvalPreset, SpecError, TrainSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -405,11 +405,9 @@ def test_animated_png_uses_first_frame():
 
 
 def test_pillow_bomb_threshold_is_set_explicitly():
-    from visionray.serve.sanitize import Decoder
-
-    Decoder(SanitizerSpec(max_pixels=12345)).close()
+    configure_pillow(SanitizerSpec(max_pixels=12345))
     assert Image.MAX_IMAGE_PIXELS == 12345
-    Decoder(LIMITS).close()
+    configure_pillow(LIMITS)
     assert Image.MAX_IMAGE_PIXELS == LIMITS.max_pixels
 
 

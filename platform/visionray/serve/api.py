@@ -26,7 +26,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 
 from visionray.serve.config import ServeSpec
 from visionray.serve.model import Label, Predictor
-from visionray.serve.sanitize import Decoder, Rejection, SanitizerMiddleware, check_type, load_api_keys, media_type
+from visionray.serve.errors import Rejection
+from visionray.serve.pool import DecodePool
+from visionray.serve.sanitize import SanitizerMiddleware, check_type, load_api_keys, media_type
+from visionray.serve.structure import inspect
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +140,13 @@ async def _multipart_parts(request: Request, spec: ServeSpec) -> list[tuple[str 
 
 
 def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None] = lambda code: None,
-             on_images: Callable[[int], None] = lambda n: None, echo_request_id: bool = True) -> FastAPI:
+             on_images: Callable[[int], None] = lambda n: None, echo_request_id: bool = True,
+             decoder: DecodePool | None = None) -> FastAPI:
     """The ASGI app: routes, error handlers and the sanitizer middleware. ``echo_request_id``:
-    add X-Request-ID to responses (Serve's proxy does that itself)."""
+    add X-Request-ID to responses (Serve's proxy does that itself). ``decoder``: the replica's
+    started pool of sandboxed decoders; by default one that starts on the first image."""
     keys = load_api_keys(spec.auth)  # a misconfigured key source fails here, when the replica starts
-    decoder = Decoder(spec.sanitizer)
+    decoder = decoder or DecodePool(spec.sanitizer)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -191,8 +196,15 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
         else:
             parts = [(None, ctype, await request.body())]
         declared = [check_type(c, data, spec.sanitizer) for _, c, data in parts]
-        channels = (await info())["input"]["channels"]
-        images = await asyncio.gather(*(decoder.decode(data, d, channels) for (_, _, data), d in zip(parts, declared)))
+        headers = [inspect(data, d, spec.sanitizer) for (_, _, data), d in zip(parts, declared)]  # before any decoder
+        pixels = sum(h.pixels for h in headers)
+        if pixels > spec.sanitizer.max_request_pixels:
+            raise Rejection(413, "too_many_pixels", f"the {len(parts)} images declare {pixels} pixels together; the "
+                            f"limit per request is {spec.sanitizer.max_request_pixels} (sanitizer.max_request_pixels)")
+        model_input = (await info())["input"]
+        channels, size = model_input["channels"], model_input["image_size"]
+        images = await asyncio.gather(*(decoder.decode(data, d, channels, size, h.cost)
+                                        for (_, _, data), d, h in zip(parts, declared, headers)))
         labels = await asyncio.gather(*(backend.classify(im, top_k) for im in images))
         on_images(len(images))
         m = await info()

@@ -39,8 +39,9 @@ from ray.serve.metrics import Counter
 from visionray.models import TTA_VIEWS
 from visionray.serve.api import Backend, make_api
 from visionray.serve.config import ServeSpec, load_serve_spec
+from visionray.serve.errors import Rejection
 from visionray.serve.model import Label, Predictor, Source, load_source, pick_device, resolve_source
-from visionray.serve.sanitize import Rejection
+from visionray.serve.pool import DecodePool
 
 logger = logging.getLogger("ray.serve")
 
@@ -84,6 +85,9 @@ class ApiReplica:
     def _init_api(self, spec: ServeSpec, backend: Backend) -> None:
         self.spec = spec
         self.backend = backend
+        self.decoder = DecodePool(spec.sanitizer)
+        sandbox = self.decoder.start()  # raises DecoderStartError: a replica that cannot sandbox never serves
+        logger.info("%d sandboxed image decoders: %s", spec.sanitizer.decode_workers, sandbox)
         self.rejected = Counter("visionray_serve_rejected_total", description="requests refused, by reason",
                                 tag_keys=("reason",))
         self.images = Counter("visionray_serve_images_total", description="images classified")
@@ -93,7 +97,7 @@ class ApiReplica:
 
     def __serve_build_asgi_app__(self):
         return make_api(self.spec, self.backend, on_reject=self._count_rejection, on_images=self.images.inc,
-                        echo_request_id=False)  # Serve's proxy sets and echoes X-Request-ID
+                        echo_request_id=False, decoder=self.decoder)  # Serve's proxy sets and echoes X-Request-ID
 
 
 @serve.deployment(name="Classifier")

@@ -33,8 +33,26 @@ class SanitizerSpec(Strict):
     max_width: int = Field(4096, ge=8, le=65535, description="widest image accepted, read from the header (px)")
     max_height: int = Field(4096, ge=8, le=65535, description="tallest image accepted, read from the header (px)")
     max_pixels: int = Field(16 * 2**20, ge=64, le=2**31, description="width x height cap; also Pillow's MAX_IMAGE_PIXELS (px)")
-    decode_timeout_s: float = Field(2.0, gt=0.0, le=60.0, description="time budget to decode one image (s); 422 after")
-    decode_threads: int = Field(4, ge=1, le=64, description="threads per ingress replica that decode images")
+    max_request_pixels: int = Field(32 * 2**20, ge=64, le=2**33, description="declared pixels of all images of one request together (px)")
+    max_progressive_pixels: int = Field(4 * 2**20, ge=64, le=2**31, description="pixel cap for progressive JPEGs (px); every scan walks them all")
+    max_jpeg_scans: int = Field(32, ge=1, le=1000, description="SOS segments one JPEG may hold (baseline: 1 to 4)")
+    max_png_chunks: int = Field(4096, ge=3, le=1_000_000, description="chunks one PNG may hold")
+    decode_timeout_s: float = Field(2.0, gt=0.0, le=60.0, description="wall-clock budget to decode one image, from when a "
+                                    "worker starts on it (s); the worker is killed and replaced after, the image gets 422")
+    decode_workers: int = Field(4, ge=1, le=64, description="sandboxed decoder processes per replica (the only place untrusted bytes are decoded)")
+    decode_queue: int = Field(64, ge=0, le=100_000, description="images that may wait for a free decoder; beyond: 503")
+    decode_queue_timeout_s: float = Field(2.0, gt=0.0, le=600.0, description="longest wait for a free decoder (s); 503 with Retry-After after")
+    decode_memory_mb: int = Field(1024, ge=128, le=65536, description="address-space limit of each decoder process (MiB)")
+    decode_cpu_s: int = Field(300, ge=1, le=86400, description="CPU-seconds limit of each decoder process; it is replaced at half of it")
+    decode_seccomp: bool = Field(True, description="decoders run under a seccomp filter (no sockets, exec or new processes); "
+                                 "needs libseccomp (Debian libseccomp2); false: rlimits only")
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> "SanitizerSpec":
+        if self.max_request_pixels < self.max_pixels:
+            raise ValueError(f"max_request_pixels={self.max_request_pixels} is below max_pixels={self.max_pixels}: "
+                             "an image within the per-image limit could never be sent")
+        return self
 
     @field_validator("allowed_types")
     @classmethod

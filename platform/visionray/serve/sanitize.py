@@ -6,13 +6,9 @@ Two layers, both usable without Ray:
   (401), a per-client token bucket (429), refusal of compressed bodies (415), the body cap while it
   streams in (413 as soon as it is crossed, whatever Content-Length claimed), a time budget on
   receiving the body (408). The body it accepted is replayed to the app.
-- ``check_type`` and ``decode_image``: content-type allowlist and magic bytes (415), then Pillow
-  restricted to the allowlisted formats; width, height and pixel count are checked from the header
-  before a pixel is decoded (413); truncated, corrupt or trailing data is 422
-  (``LOAD_TRUNCATED_IMAGES`` stays off; Pillow's decompression-bomb warning is an error). The
-  first frame of an animation is used. EXIF orientation is applied, then only pixels are kept (all
-  metadata dropped), converted to the model's mode (L or RGB) exactly as training decodes files
-  (``Image.convert``; alpha is dropped, 16-bit samples are scaled to 8 bits).
+- ``check_type``: content-type allowlist and magic bytes (415). Then ``visionray.serve.structure``
+  walks the container (pure Python, bounded) and ``visionray.serve.pool`` decodes in sandboxed
+  worker processes (``visionray.serve.decode``): no decoder runs in the replica's own process.
 
 Nothing here fetches URLs: an image only ever arrives as the request body.
 """
@@ -21,49 +17,22 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import io
-import json
 import logging
 import os
 import re
 import time
 import uuid
-import warnings
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Awaitable, Callable
 
-import numpy as np
-from PIL import Image, ImageFile, ImageOps
-
 from visionray.serve.config import AuthSpec, RateLimitSpec, SanitizerSpec
+from visionray.serve.errors import Rejection, error_body
 
 logger = logging.getLogger(__name__)
 
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is an error, never grey-filled
-
-# Pillow's format name for each allowlisted content type.
-PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
-
 # Exempt from API keys and rate limits: probes and the API description.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
-
-
-class Rejection(Exception):
-    """A request refused on purpose: HTTP ``status``, a stable machine ``code`` (also the metric's
-    reason) and a message for people."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers or {}
-
-
-def error_body(code: str, message: str, request_id: str) -> bytes:
-    return json.dumps({"code": code, "message": message, "request_id": request_id}).encode()
 
 
 # --------------------------------------------------------------------------- content type + magic
@@ -111,117 +80,6 @@ def check_type(content_type: str | None, data: bytes, spec: SanitizerSpec) -> st
         what = f"bytes of {found}" if found else "bytes that are no known image format"
         raise Rejection(415, "content_mismatch", f"declared {declared} but the body starts with {what}")
     return declared
-
-
-# --------------------------------------------------------------------------- container checks
-
-
-def _png_structure(data: bytes) -> None:
-    """Walk the PNG chunk headers (not their content): IEND must be the last bytes."""
-    pos, n = 8, len(data)
-    while True:
-        if pos + 12 > n:
-            raise Rejection(422, "truncated_image", f"PNG truncated: chunk header at byte {pos} of {n}")
-        length = int.from_bytes(data[pos:pos + 4], "big")
-        kind = data[pos + 4:pos + 8]
-        end = pos + 12 + length
-        if length > 2**31 - 1 or end > n:
-            raise Rejection(422, "truncated_image", f"PNG truncated: chunk {kind!r} needs {length} bytes, {n - pos - 12} left")
-        pos = end
-        if kind == b"IEND":
-            break
-    if pos != n:
-        raise Rejection(422, "trailing_data", f"PNG has {n - pos} bytes after its IEND chunk (polyglot or corrupt file)")
-
-
-def _webp_structure(data: bytes) -> None:
-    """The RIFF size must cover the body exactly (one pad byte allowed)."""
-    size = int.from_bytes(data[4:8], "little") + 8
-    if size > len(data):
-        raise Rejection(422, "truncated_image", f"WebP truncated: RIFF declares {size} bytes, got {len(data)}")
-    if len(data) - size > 1:
-        raise Rejection(422, "trailing_data", f"WebP has {len(data) - size} bytes after its RIFF container")
-
-
-# --------------------------------------------------------------------------- decode
-
-
-def configure_pillow(spec: SanitizerSpec) -> None:
-    """Set Pillow's process-wide decompression-bomb threshold to our pixel cap (explicitly)."""
-    Image.MAX_IMAGE_PIXELS = spec.max_pixels
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-
-
-def to_model_mode(im: Image.Image, channels: int) -> Image.Image:
-    """Any Pillow mode to L (channels=1) or RGB (channels=3), deterministically: 16- and 32-bit
-    integer samples keep their top 8 bits (Pillow would clip them), everything else through
-    ``Image.convert`` as training's decoder does (palette expanded, alpha dropped, CMYK and YCbCr
-    to RGB, RGB to L by ITU-R 601-2 luma)."""
-    target = "L" if channels == 1 else "RGB"
-    if im.mode.startswith("I;16") or im.mode == "I":
-        a = np.asarray(im).astype(np.int64)
-        im = Image.fromarray((np.clip(a, 0, 65535) >> 8).astype(np.uint8), "L")
-    elif im.mode == "F":
-        im = Image.fromarray(np.clip(np.nan_to_num(np.asarray(im)), 0, 255).astype(np.uint8), "L")
-    return im if im.mode == target else im.convert(target)
-
-
-def decode_image(data: bytes, declared: str, channels: int, spec: SanitizerSpec) -> np.ndarray:
-    """Checked bytes (see ``check_type``) to a uint8 (C, H, W) array in the model's mode."""
-    if declared == "image/png":
-        _png_structure(data)
-    elif declared == "image/webp":
-        _webp_structure(data)
-    fmt = PIL_FORMATS[declared]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data), formats=[fmt])
-            width, height = im.size
-            if width > spec.max_width or height > spec.max_height or width * height > spec.max_pixels:
-                raise Rejection(
-                    413, "image_too_large",
-                    f"image is {width}x{height} px; the limit is {spec.max_width}x{spec.max_height} and "
-                    f"{spec.max_pixels} pixels",
-                )
-            if width < 1 or height < 1:
-                raise Rejection(422, "corrupt_image", f"image declares {width}x{height} px")
-            im.load()  # frame 0 of an animation
-            im = ImageOps.exif_transpose(im)
-            im = to_model_mode(im, channels)
-            array = np.array(im, dtype=np.uint8, copy=True)  # pixels only: every metadata field is left behind
-    except Rejection:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise Rejection(413, "image_too_large", f"decompression bomb refused: {exc}") from None
-    except Exception as exc:  # noqa: BLE001 - the trust boundary: any decoder failure is the input's fault
-        # Pillow raises OSError, SyntaxError, ValueError, struct.error, EOFError, ... on hostile input.
-        logger.debug("undecodable %s: %s: %s", declared, type(exc).__name__, exc)
-        code = "truncated_image" if "truncated" in str(exc).lower() else "corrupt_image"
-        raise Rejection(422, code, f"the {declared} image cannot be decoded ({type(exc).__name__}: {exc})") from None
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
-
-
-class Decoder:
-    """Runs ``decode_image`` on a bounded thread pool with a time budget per image."""
-
-    def __init__(self, spec: SanitizerSpec):
-        configure_pillow(spec)
-        self.spec = spec
-        self.pool = ThreadPoolExecutor(max_workers=spec.decode_threads, thread_name_prefix="decode")
-
-    async def decode(self, data: bytes, declared: str, channels: int) -> np.ndarray:
-        loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self.pool, decode_image, data, declared, channels, self.spec)
-        try:
-            return await asyncio.wait_for(job, self.spec.decode_timeout_s)
-        except asyncio.TimeoutError:
-            raise Rejection(422, "decode_timeout", f"decoding took longer than {self.spec.decode_timeout_s} s") from None
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- keys and rate limits
