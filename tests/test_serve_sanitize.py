@@ -79,6 +79,23 @@ def animated_png() -> bytes:
     return encode(frames[0], "PNG", save_all=True, append_images=frames[1:], duration=50)
 
 
+def progressive_jpeg(width: int = 20, height: int = 12, scan_copies: int = 1) -> bytes:
+    """A progressive JPEG (Pillow writes 10 scans), its scans repeated ``scan_copies`` times and
+    its frame header patched to declare ``width`` x ``height`` when they differ from 20x12."""
+    data = bytearray(encode(noise(), "JPEG", progressive=True))
+    first_scan = data.index(b"\xff\xda")
+    data = data[:first_scan] + data[first_scan:-2] * scan_copies + data[-2:]
+    sof = data.index(b"\xff\xc2")
+    data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def png_with_chunks(count: int) -> bytes:
+    """A valid PNG with ``count`` empty ancillary chunks before its IEND."""
+    data = encode(noise(), "PNG")
+    return data[:-12] + png_chunk(b"tEXt", b"") * count + data[-12:]
+
+
 PNG = encode(noise(), "PNG")
 JPEG = encode(noise(), "JPEG", quality=90)
 WEBP = encode(noise(), "WEBP", quality=90)
@@ -98,6 +115,15 @@ HOSTILE = [
     ("truncated jpeg", JPEG[: len(JPEG) // 2], {"content-type": "image/jpeg"}, 422, "truncated_image"),
     ("jpeg header only", JPEG[:200], {"content-type": "image/jpeg"}, 422, None),
     ("truncated webp", WEBP[: len(WEBP) // 2], {"content-type": "image/webp"}, 422, "truncated_image"),
+    ("jpeg cut short but ended with EOI", JPEG[: len(JPEG) * 2 // 3] + b"\xff\xd9", {"content-type": "image/jpeg"}, 422, "truncated_image"),
+    ("polyglot jpeg+zip", JPEG + zip_bytes(), {"content-type": "image/jpeg"}, 422, "trailing_data"),
+    ("jpeg+html after EOI", JPEG + b"<script>alert(1)</script>", {"content-type": "image/jpeg"}, 422, "trailing_data"),
+    ("progressive jpeg with 100 scans", progressive_jpeg(scan_copies=10), {"content-type": "image/jpeg"}, 413, "too_many_scans"),
+    ("progressive jpeg 4000x4000", progressive_jpeg(4000, 4000), {"content-type": "image/jpeg"}, 413, "image_too_large"),
+    ("jpeg 4096x4096 from a few hundred bytes", jpeg_declaring(4096, 4096), {"content-type": "image/jpeg"}, 422, None),
+    ("png of 10000 empty chunks", png_with_chunks(10_000), {"content-type": "image/png"}, 413, "too_many_chunks"),
+    ("jpeg arithmetic coding", JPEG.replace(b"\xff\xc0", b"\xff\xc9", 1), {"content-type": "image/jpeg"}, 415, "unsupported_jpeg"),
+    ("jpeg without EOI", JPEG[:-2], {"content-type": "image/jpeg"}, 422, "truncated_image"),
     ("png 20000x20000 bomb", png_declaring(20000, 20000), {"content-type": "image/png"}, 413, "image_too_large"),
     ("png 1x5000000 strip", png_declaring(1, 5_000_000), {"content-type": "image/png"}, 413, "image_too_large"),
     ("jpeg 65500x65500", jpeg_declaring(65500, 65500), {"content-type": "image/jpeg"}, 413, "image_too_large"),
@@ -138,6 +164,7 @@ MULTIPART = [
     ("text field", multipart([(None, None, b"hello")]), 422, "unexpected_field"),
     ("part without type", multipart([("a.png", None, PNG)]), 415, "unsupported_media_type"),
     ("one bad part", multipart([("a.png", "image/png", PNG), ("b.png", "image/png", PNG[:40])]), 422, "truncated_image"),
+    ("pixel budget across parts", multipart([(f"{i}.png", "image/png", png_declaring(4096, 4096)) for i in range(3)]), 413, "too_many_pixels"),
     ("oversized multipart", multipart([(f"{i}.png", "image/png", b"\x89PNG\r\n\x1a\n" + b"\x00" * 2**20) for i in range(9)]), 413, "body_too_large"),
 ]
 

@@ -204,6 +204,7 @@ class DecodePool:
         self._waiters: list[tuple[int, int]] = []
         self._seq = itertools.count()
         self._inflight = 0
+        self._spawning = 0
         self._started = False
         self._threads = ThreadPoolExecutor(max_workers=spec.decode_workers + spec.decode_queue, thread_name_prefix="decode")
         self._finalizer = weakref.finalize(self, _kill_all, self._procs)
@@ -260,7 +261,12 @@ class DecodePool:
     def decode_blocking(self, data: bytes, declared: str, channels: int, size: int | None, cost: int) -> np.ndarray:
         if not self._started:
             self.start()
+        self._heal()
         proc = self._checkout(cost, time.monotonic() + self.spec.decode_queue_timeout_s)
+        if proc.proc.poll() is not None:  # died while idle (killed from outside): this image gets a new one
+            proc = self._replace(proc)
+            if proc is None:
+                raise Rejection(503, "decoder_lost", "no image decoder could be started; retry", self.retry_after)
         job = {"type": declared, "channels": channels, "size": size}
         max_side = 4 * size if size else max(self.spec.max_width, self.spec.max_height)
         replace = True
@@ -285,6 +291,21 @@ class DecodePool:
         finally:
             self._checkin(proc, replace)
 
+    def _heal(self) -> None:
+        """Bring the pool back to size after replacements that failed to start."""
+        with self._cond:
+            missing = self.spec.decode_workers - len(self._procs) - self._spawning
+            if missing <= 0:
+                return
+            self._spawning += 1
+        try:
+            self._add(DecoderProcess(self._spec_json))
+        except DecoderStartError as exc:
+            logger.error("decoder pool is %d short: %s", missing, exc)
+        finally:
+            with self._cond:
+                self._spawning -= 1
+
     def _checkout(self, cost: int, deadline: float) -> DecoderProcess:
         entry = (cost, next(self._seq))
         with self._cond:
@@ -296,21 +317,38 @@ class DecodePool:
                         raise Rejection(503, "decoders_busy", f"no image decoder was free within "
                                         f"{self.spec.decode_queue_timeout_s} s; retry later", self.retry_after)
                     self._cond.wait(remaining)
-                return self._idle.pop()
+                return self._idle.pop(0)  # round robin: CPU use spread, dead ones found early
             finally:
                 self._waiters.remove(entry)
                 heapq.heapify(self._waiters)
                 self._cond.notify_all()
 
-    def _checkin(self, proc: DecoderProcess, replace: bool) -> None:
+    def _checkin(self, proc: DecoderProcess | None, replace: bool) -> None:
+        if proc is None:
+            return
         if not replace:
             self._add(proc)
             return
+        fresh = self._replace(proc)
+        if fresh is not None:
+            self._add(fresh)
+
+    def _replace(self, proc: DecoderProcess) -> DecoderProcess | None:
+        """Kill ``proc`` and start its successor (None when that fails: the pool is one short
+        until a later replacement works, and says so in the log)."""
         proc.kill()
         with self._cond:
             self._procs.discard(proc)
-        if self._finalizer.alive:
-            try:
-                self._add(DecoderProcess(self._spec_json))
-            except DecoderStartError as exc:  # the pool is one short until the next replacement works
-                logger.error("could not replace decoder process %d: %s", proc.pid, exc)
+            self._spawning += 1
+        fresh = None
+        try:
+            if self._finalizer.alive:
+                fresh = DecoderProcess(self._spec_json)
+        except DecoderStartError as exc:
+            logger.error("could not replace decoder process %d: %s", proc.pid, exc)
+        finally:
+            with self._cond:
+                self._spawning -= 1
+                if fresh is not None:
+                    self._procs.add(fresh)
+        return fresh

@@ -11,14 +11,16 @@
 - with ``decode_seccomp`` (pyseccomp over libseccomp): socket, connect, bind, listen, accept,
   send/recv on sockets, exec, new processes (``clone`` without ``CLONE_THREAD``, ``fork``,
   ``vfork``; ``clone3`` answers ENOSYS so libc falls back to ``clone``), ptrace, other processes'
-  memory, changing limits (``setrlimit``/``prlimit64``) and mounting all fail with EPERM. Everything
-  else a decoder needs (read, write, mmap, brk, futex) stays allowed.
+  memory, changing limits (``setrlimit``/``prlimit64``), mounting, opening a file for writing
+  (or creating, truncating), and removing, renaming, linking or re-owning files all fail with
+  EPERM. Everything else a decoder needs (read, write on its pipes, mmap, brk, futex) stays allowed.
 
 Returns what was applied, for the worker's ready message (the pool logs it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import resource
@@ -30,7 +32,10 @@ _DENIED = (
     "recvfrom", "recvmsg", "recvmmsg", "execve", "execveat", "fork", "vfork", "ptrace", "process_vm_readv",
     "process_vm_writev", "setrlimit", "prlimit64", "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
     "kexec_load", "init_module", "finit_module", "bpf", "perf_event_open", "keyctl", "add_key", "request_key",
+    "creat", "unlink", "unlinkat", "rename", "renameat", "renameat2", "mkdir", "mkdirat", "rmdir", "link", "linkat",
+    "symlink", "symlinkat", "chmod", "fchmod", "fchmodat", "chown", "fchown", "lchown", "fchownat", "truncate",
 )
+_WRITE_FLAGS = (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC)  # an open with any of these is refused
 _CLONE_THREAD = 0x00010000
 EXTRA_FILES = 8  # descriptors a worker may open beyond those it holds when confined
 
@@ -55,6 +60,10 @@ def _seccomp() -> None:
             flt.add_rule(seccomp.ERRNO(errno.EPERM), name)
         except (RuntimeError, ValueError, OSError):  # a syscall this architecture does not have
             continue
+    for flag in _WRITE_FLAGS:  # files are opened read-only or not at all
+        flt.add_rule(seccomp.ERRNO(errno.EPERM), "openat", seccomp.Arg(2, seccomp.MASKED_EQ, flag, flag))
+        with contextlib.suppress(RuntimeError, ValueError, OSError):
+            flt.add_rule(seccomp.ERRNO(errno.EPERM), "open", seccomp.Arg(1, seccomp.MASKED_EQ, flag, flag))
     flt.add_rule(seccomp.ERRNO(errno.EPERM), "clone", seccomp.Arg(0, seccomp.MASKED_EQ, _CLONE_THREAD, 0))
     flt.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
     flt.load()

@@ -1,0 +1,173 @@
+"""The sandboxed decoder processes, as real processes: confinement, budgets, kills, the bounded queue.
+``test_serve_app.py`` does the same over real Serve and HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_serve_sanitize import JPEG, PNG, encode, noise
+
+from visionray.serve.config import SanitizerSpec
+from visionray.serve.errors import Rejection
+from visionray.serve.pool import DecodePool
+from visionray.serve.structure import inspect
+
+# A real CPU-heavy image within every limit: 2048x2048 noise, progressive, quality 100 (6 MB, ~0.15 s).
+HEAVY = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (2048, 2048, 3), dtype=np.uint8)), "JPEG",
+               progressive=True, quality=100)
+
+
+def decode(pool: DecodePool, data: bytes, declared: str | None = None, size: int = 16) -> np.ndarray:
+    declared = declared or ("image/jpeg" if data[:2] == b"\xff\xd8" else "image/png")
+    return asyncio.run(pool.decode(data, declared, 3, size, inspect(data, declared, pool.spec).cost))
+
+
+def stop_all(pool: DecodePool) -> list[int]:
+    """SIGSTOP every decoder: each hangs like a runaway decode, without using the CPU."""
+    pids = pool.pids()
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    return pids
+
+
+@pytest.fixture
+def pool():
+    p = DecodePool(SanitizerSpec(decode_workers=2, decode_timeout_s=10))
+    p.start()
+    yield p
+    p.close()
+
+
+def test_decoders_run_confined_and_without_the_replicas_secrets(monkeypatch):
+    monkeypatch.setenv("VISIONRAY_API_KEYS", "secret-key")
+    p = DecodePool(SanitizerSpec(decode_workers=1, decode_memory_mb=512))
+    try:
+        assert p.start()["seccomp"] is True
+        [pid] = p.pids()
+        status = open(f"/proc/{pid}/status").read()
+        assert "Seccomp:\t2" in status  # filter mode
+        limits = open(f"/proc/{pid}/limits").read()
+        assert f"Max address space         {512 * 2**20}" in limits
+        assert b"secret-key" not in open(f"/proc/{pid}/environ", "rb").read()
+        assert decode(p, PNG).shape == (3, 12, 20)
+    finally:
+        p.close()
+    assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read()
+
+
+CONFINED = """
+import errno, os, socket, subprocess, sys
+from visionray.serve.config import SanitizerSpec
+from visionray.serve.sandbox import confine
+confine(SanitizerSpec(decode_memory_mb=256))
+out = []
+for name, attempt in [
+    ("socket", lambda: socket.socket()),
+    ("exec", lambda: subprocess.run(["/bin/true"])),
+    ("fork", lambda: os.fork()),
+    ("write_file", lambda: os.open("/tmp/vr-confined-%d" % os.getpid(), os.O_WRONLY | os.O_CREAT)),
+    ("remove_file", lambda: os.unlink("/etc/hostname")),
+    ("memory", lambda: bytearray(512 * 2**20)),
+]:
+    try:
+        attempt()
+        out.append(name + ":allowed")
+    except (OSError, MemoryError) as exc:
+        out.append(name + ":refused")
+print(" ".join(out))
+"""
+
+
+def test_confinement_refuses_sockets_exec_fork_file_writes_and_memory():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    r = subprocess.run([sys.executable, "-c", CONFINED], capture_output=True, text=True, timeout=60, env=env)
+    assert r.stdout.split() == ["socket:refused", "exec:refused", "fork:refused", "write_file:refused", "remove_file:refused", "memory:refused"], r.stderr
+
+
+def test_decoders_killed_between_requests_are_replaced_before_the_next_image(pool):
+    before = pool.pids()
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert decode(pool, PNG).shape == (3, 12, 20)
+    assert decode(pool, PNG).shape == (3, 12, 20)
+    assert not set(pool.pids()) & set(before)
+
+
+def test_a_decoder_killed_mid_image_costs_that_image_only(pool):
+    before = stop_all(pool)
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(_outcome(pool, PNG)))
+    worker.start()
+    time.sleep(0.3)  # the image is with a decoder, which does not answer
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    worker.join(30)
+    assert result == [(503, "decoder_lost")], result
+    assert decode(pool, PNG).shape == (3, 12, 20)
+    assert not set(pool.pids()) & set(before)  # replaced
+
+
+def test_a_runaway_decode_is_killed_at_its_budget_while_valid_images_decode():
+    p = DecodePool(SanitizerSpec(decode_workers=2, decode_timeout_s=0.05))
+    p.start()
+    try:
+        before = set(p.pids())
+        slow: list = []
+        t = threading.Thread(target=lambda: slow.append(_outcome(p, HEAVY)))
+        t.start()
+        times = []
+        for _ in range(10):
+            t0 = time.perf_counter()
+            assert decode(p, PNG).shape == (3, 12, 20)
+            times.append(time.perf_counter() - t0)
+        t.join(30)
+        assert slow == [(422, "decode_timeout")]
+        assert max(times) < 2.0, times
+        assert len(set(p.pids()) - before) == 1  # the runaway's worker was replaced
+    finally:
+        p.close()
+
+
+def test_every_decoder_busy_gives_503_with_retry_after_not_a_422():
+    p = DecodePool(SanitizerSpec(decode_workers=1, decode_queue=1, decode_queue_timeout_s=0.3, decode_timeout_s=1.5))
+    p.start()
+    try:
+        stop_all(p)
+        outcomes: dict = {}
+        threads = [threading.Thread(target=lambda i=i: outcomes.update({i: _outcome(p, PNG)})) for i in range(3)]
+        for t in threads:
+            t.start()
+            time.sleep(0.1)
+        for t in threads:
+            t.join(60)
+        # the first holds the only decoder (which hangs), the second waits 0.3 s, the third finds the queue full
+        assert outcomes == {0: (422, "decode_timeout"), 1: (503, "decoders_busy"), 2: (503, "decoders_busy")}
+        assert decode(p, PNG).shape == (3, 12, 20)
+    finally:
+        p.close()
+
+
+def test_reduced_for_the_model_and_exact_below_twice_its_size(pool):
+    big = encode(noise(1000, 700), "JPEG")
+    a = decode(pool, big, "image/jpeg", size=32)
+    assert a.shape[0] == 3 and 64 <= min(a.shape[1:]) and max(a.shape[1:]) <= 128
+    small = np.asarray(Image.open(__import__("io").BytesIO(JPEG)).convert("RGB")).transpose(2, 0, 1)
+    assert np.array_equal(decode(pool, JPEG, "image/jpeg", size=16), small)  # 20x12 <= 2 x 16: untouched
+
+
+def _outcome(pool: DecodePool, data: bytes):
+    try:
+        decode(pool, data)
+        return "ok"
+    except Rejection as rej:
+        return rej.status, rej.code
