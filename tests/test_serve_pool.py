@@ -21,9 +21,11 @@ from visionray.serve.errors import Rejection
 from visionray.serve.pool import DecodePool
 from visionray.serve.structure import inspect
 
-# A real CPU-heavy image within every limit: 2048x2048 noise, progressive, quality 100 (6 MB, ~0.15 s).
-HEAVY = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (2048, 2048, 3), dtype=np.uint8)), "JPEG",
-               progressive=True, quality=100)
+@pytest.fixture(scope="module")
+def heavy() -> bytes:
+    """A real CPU-heavy image: 4096x4096 noise, progressive, quality 100 (24 MB, ~0.5 s to decode)."""
+    rng = np.random.default_rng(0)
+    return encode(Image.fromarray(rng.integers(0, 256, (4096, 4096, 3), dtype=np.uint8)), "JPEG", progressive=True, quality=100)
 
 
 def decode(pool: DecodePool, data: bytes, declared: str | None = None, size: int = 16) -> np.ndarray:
@@ -117,13 +119,13 @@ def test_a_decoder_killed_mid_image_costs_that_image_only(pool):
     assert not set(pool.pids()) & set(before)  # replaced
 
 
-def test_a_runaway_decode_is_killed_at_its_budget_while_valid_images_decode():
-    p = DecodePool(SanitizerSpec(decode_workers=2, decode_timeout_s=0.05))
+def test_a_runaway_decode_is_killed_at_its_budget_while_valid_images_decode(heavy):
+    p = DecodePool(SanitizerSpec(decode_workers=2, decode_timeout_s=0.2, max_progressive_pixels=16 * 2**20))
     p.start()
     try:
         before = set(p.pids())
         slow: list = []
-        t = threading.Thread(target=lambda: slow.append(_outcome(p, HEAVY)))
+        t = threading.Thread(target=lambda: slow.append(_outcome(p, heavy)))
         t.start()
         times = []
         for _ in range(10):

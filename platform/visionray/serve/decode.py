@@ -181,6 +181,7 @@ def main(argv: list[str]) -> int:
     from visionray.serve import sandbox
 
     spec = SanitizerSpec.model_validate_json(argv[1])
+    warnings.simplefilter("ignore")  # Pillow's per-file notes; the bomb warning is an error where it matters
     configure_pillow(spec)
     Image.init()  # every plugin imported now: no module is opened after confinement
     import simplejpeg  # noqa: F401 - loaded before confinement, like the plugins
