@@ -214,6 +214,93 @@ def test_multipart_over_real_http(serve_url):
     assert r.json()["model"] == {"name": "digits", "version": 1}
 
 
+def decoder_pids() -> list[int]:
+    """The sandboxed decoder processes of the Serve replicas (not of this test process)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = open(f"/proc/{entry}/cmdline", "rb").read()
+            ppid = int(open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError):
+            continue
+        if b"visionray.serve.decode" in cmdline and ppid != os.getpid():
+            found.append(int(entry))
+    return found
+
+
+def test_a_decoder_killed_mid_request_costs_that_request_only(serve_url):
+    import signal
+    import threading
+
+    pids = decoder_pids()
+    assert pids, "no decoder processes found"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # every decoder hangs: the next image is mid-decode when they die
+    result: list[httpx.Response] = []
+    t = threading.Thread(target=lambda: result.append(
+        httpx.post(f"{serve_url}/v1/classify", content=PNG, headers={"content-type": "image/png"}, timeout=30)))
+    t.start()
+    time.sleep(1.0)
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    t.join(30)
+    [r] = result
+    assert r.status_code == 503 and r.json()["code"] == "decoder_lost" and r.headers["retry-after"], r.text
+    t0 = time.perf_counter()
+    ok(serve_url)  # replacements started; the replica never stopped serving
+    assert time.perf_counter() - t0 < 10
+    assert not set(decoder_pids()) & set(pids)
+
+
+def test_cpu_bombs_in_flight_do_not_hold_up_valid_requests(serve_url):
+    """Attackers keep decoders busy with the costliest images the limits allow, plus the bombs the
+    structural walk refuses; valid requests sent meanwhile all get 200 within a few seconds."""
+    import threading
+
+    from test_serve_sanitize import jpeg_declaring, multipart, png_declaring, progressive_jpeg
+
+    rng = np.random.default_rng(0)
+    heavy = encode(Image.fromarray(rng.integers(0, 256, (2048, 2048, 3), dtype=np.uint8)), "JPEG", progressive=True, quality=100)
+    bombs = [
+        (heavy, {"content-type": "image/jpeg"}),  # at the progressive limit, real data: ~0.15 s of CPU each
+        multipart([(f"{i}.png", "image/png", png_declaring(4096, 4096)) for i in range(2)]),  # 32 MP of zeros
+        (jpeg_declaring(4096, 4096), {"content-type": "image/jpeg"}),  # 48 MiB declared by a few hundred bytes
+        (progressive_jpeg(scan_copies=10), {"content-type": "image/jpeg"}),  # 100 scans
+        (progressive_jpeg(4096, 4096, scan_copies=300), {"content-type": "image/jpeg"}),  # 3,000 scans over 16 MP
+    ]
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def attack(i: int) -> None:
+        with httpx.Client(timeout=60) as c:
+            for n in range(200):  # bounded in count and in time
+                if stop.is_set():
+                    return
+                body, headers = bombs[(i + n) % len(bombs)]
+                statuses.append(c.post(f"{serve_url}/v1/classify", content=body, headers=headers).status_code)
+
+    attackers = [threading.Thread(target=attack, args=(i,)) for i in range(8)]
+    for t in attackers:
+        t.start()
+    try:
+        time.sleep(1.0)
+        latencies = []
+        for _ in range(15):
+            t0 = time.perf_counter()
+            ok(serve_url)
+            latencies.append(time.perf_counter() - t0)
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(120)
+    assert max(latencies) < 5.0, latencies
+    assert statuses and all(s < 500 or s == 503 for s in statuses), sorted(set(statuses))
+    ok(serve_url)
+
+
 def _raw(port: int, head: bytes, body_chunks, read_timeout: float = 15.0) -> tuple[bytes, int]:
     """Send a request by hand; stop sending as soon as the server answers. (response, bytes sent)."""
     sent = 0
