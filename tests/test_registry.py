@@ -12,6 +12,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -131,10 +132,10 @@ def test_bad_references_say_what_exists(reg, ref, message):
         reg.resolve(ref)
 
 
-def test_list_shows_versions_aliases_and_metrics(reg):
+def test_list_shows_versions_aliases_and_metrics(reg, keys):
     rows = [(v.name, v.version, v.aliases, v.metadata["metrics"]["val_acc"]) for v in reg.list()]
     assert rows == [("digits", 1, ("best",), 0.5), ("digits", 2, ("production",), 0.6)]
-    reg.promote("digits", 2, "best")
+    reg.promote("digits", 2, "best", private_key=keys["a"][0])
     assert [v.aliases for v in reg.list("digits")] == [(), ("best", "production")]
 
 
@@ -246,8 +247,8 @@ TAMPER = [
     ("signature_deleted", _delete_signature, r"unsigned \(model.sig is missing\)"),
     ("other_key", _sign_with_other_key, "signature rejected by every trusted public key"),
     ("pickle_added", _add_pickle, "pickle file extra.pkl rejected"),
-    ("pickle_disguised", _add_disguised_pickle, "pickle file notes.txt rejected"),
-    ("extra_file", _add_text_file, "unexpected file README.md"),
+    ("pickle_disguised", _add_disguised_pickle, "unexpected object 'notes.txt' under the version"),
+    ("extra_file", _add_text_file, "unexpected object 'README.md' under the version"),
     ("weights_swapped", _swap_weights_from_v1, "model.safetensors changed since signing"),
     ("version_swapped", _swap_whole_version_from_v1, "says digits@v1, but it is stored as digits@v2"),
     ("signature_corrupt", _corrupt_signature, "model.sig is corrupt"),
@@ -309,7 +310,7 @@ def test_a_file_uri_on_a_second_path_is_the_same_registry(tmp_path, keys, ckpts)
     reader = Registry(str(shared))  # another machine mounting the same store
     model, meta = reader.load("digits@best", [keys["a"][1]])
     assert torch.equal(logits(model), logits(ckpts[0][1]))
-    reader.promote("digits", 1, "production")
+    reader.promote("digits", 1, "production", private_key=keys["a"][0])
     assert writer.resolve("digits@production").version == 1
 
 
@@ -359,7 +360,7 @@ WRITER = textwrap.dedent("""
         time.sleep(0.005)
     for i in range(int(n)):
         mv = reg.register(ckpt, "digits", alias="best", private_key=key, lineage={"writer": writer, "i": i})
-        reg.promote("digits", mv.version, "production")
+        reg.promote("digits", mv.version, "production", private_key=key)
 """)
 
 READER = textwrap.dedent("""
@@ -447,7 +448,7 @@ def test_cli_keys_models_round_trip(tmp_path, ckpts):
     res = cli("models", "register", str(ckpts[1][0]), "-n", "digits", "--key", k["private_key"], "-r", r)
     assert res.exit_code == 0 and "registered digits v2" in res.stdout
 
-    res = cli("models", "promote", "digits@2", "production", "-r", r, "-k", k["public_key"])
+    res = cli("models", "promote", "digits@2", "production", "-r", r, "-k", k["public_key"], "--key", k["private_key"])
     assert res.exit_code == 0 and "digits@production" in res.stdout
     res = cli("models", "list", "-r", r, "--json")
     rows = json.loads(res.stdout)["versions"]
@@ -552,3 +553,90 @@ def test_train_with_register_shows_in_models_list(ray_cluster, tmp_path, keys):
     assert rows[0]["lineage"]["job"] == "regtest"
     model, meta = Registry(str(reg_root)).load("digits@best", [keys["a"][1]])
     assert meta["epoch"] >= 1
+
+
+# --------------------------------------------------------------------------- what whoever can write the storage tries
+
+
+def test_a_traversal_key_in_an_object_store_refuses_the_version_and_writes_nothing(keys, ckpts, tmp_path):
+    """fsspec's memory store keeps a key with '..' as it is; a fetch that joined it under the
+    private copy would write outside it."""
+    import uuid
+
+    import fsspec
+
+    root = f"/vr-{uuid.uuid4().hex[:8]}"
+    r = Registry(f"memory://{root}")
+    r.register(ckpts[0][0], "digits", alias="best", private_key=keys["a"][0])
+    assert r.load("digits@best", [keys["a"][1]])[1]["registry"]["version"] == 1
+    target = tmp_path / f"dropped-{uuid.uuid4().hex}"
+    depth = len(Path(tempfile.gettempdir()).parts) + 4  # enough '..' to leave any temporary copy
+    fsspec.filesystem("memory").pipe(f"{root}/digits/v1/{'../' * depth}{str(target).lstrip('/')}", b"import os\n")
+    for attempt in (lambda: r.load("digits@best", [keys["a"][1]]), lambda: r.verify("digits@1", [keys["a"][1]]),
+                    lambda: r.export("digits@1", tmp_path / "out", public_keys=[keys["a"][1]])):
+        with pytest.raises(VerificationError, match=r"unexpected (object|entry) '\.\."):
+            attempt()
+    assert not target.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("link", ["version", "model", "alias"])
+def test_symlinked_versions_models_and_aliases_are_refused(tmp_path, keys, ckpts, link):
+    root = tmp_path / "registry"
+    r = Registry(str(root))
+    r.register(ckpts[0][0], "digits", alias="best", private_key=keys["a"][0])
+    elsewhere = Registry(str(tmp_path / "elsewhere"))
+    elsewhere.register(ckpts[1][0], "digits", alias="best", private_key=keys["a"][0])
+    elsewhere.register(ckpts[1][0], "digits", private_key=keys["a"][0])
+    if link == "version":  # v2 -> another registry's version
+        (root / "digits" / "v2").symlink_to(tmp_path / "elsewhere" / "digits" / "v2")
+        ref, message = "digits@2", "digits/v2 is a symbolic link"
+    elif link == "model":
+        (root / "other").symlink_to(tmp_path / "elsewhere" / "digits")
+        ref, message = "other@1", "other is a symbolic link"
+    else:
+        (root / "digits" / "aliases" / "production").symlink_to(root / "digits" / "aliases" / "best")
+        ref, message = "digits@production", "no alias 'production'"
+    with pytest.raises(RegistryError, match=message):
+        r.load(ref, [keys["a"][1]])
+
+
+@pytest.mark.parametrize("attack, message", [
+    ("legacy_number", "digits@production is not signed"),
+    ("copied_record", "its alias file says digits@best"),
+    ("edited_version", "not signed by a trusted key"),
+    ("other_signer", "not signed by a trusted key"),
+])
+def test_a_repointed_alias_is_refused_when_loading_by_it(reg, keys, attack, message):
+    aliases = Path(reg.uri) / "digits" / "aliases"
+    if attack == "legacy_number":
+        (aliases / "production").write_text("1\n")
+    elif attack == "copied_record":
+        (aliases / "production").write_text((aliases / "best").read_text())
+    elif attack == "edited_version":
+        record = json.loads((aliases / "production").read_text())
+        (aliases / "production").write_text(json.dumps({**record, "version": 1}))
+    else:
+        (aliases / "production").write_text(vreg.sign_alias("digits", "production", 1, keys["b"][0]).model_dump_json())
+    for attempt in (lambda: reg.load("digits@production", [keys["a"][1]]),
+                    lambda: reg.verify("digits@production", [keys["a"][1]])):
+        with pytest.raises(VerificationError, match=message):
+            attempt()
+    assert reg.load("digits@2", [keys["a"][1]])[1]["registry"]["version"] == 2  # by version: still loads
+    assert reg.load("digits@best", [keys["a"][1]])[1]["registry"]["version"] == 1  # the other alias is intact
+
+
+def test_promote_needs_the_signing_key(reg, keys):
+    with pytest.raises(RegistryError, match="needs the signing key"):
+        reg.promote("digits", 1, "production")
+    assert reg.resolve("digits@production").version == 2
+
+
+@pytest.mark.parametrize("attempt", [
+    lambda: vreg.parse_ref("digits\n"),
+    lambda: vreg.parse_ref("digits@best\n"),
+    lambda: vreg.check_alias("best\n"),
+    lambda: Registry("/nonexistent").list("digits\n"),
+])
+def test_names_and_aliases_with_a_trailing_newline_are_refused(attempt):
+    with pytest.raises(RegistryError):
+        attempt()

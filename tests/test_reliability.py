@@ -214,8 +214,9 @@ def test_unwritable_storage_gives_a_clear_error_and_keeps_readers_working(tmpfs,
     no_traceback(res)
     if name == "digits":  # moving an alias on unwritable storage: clear error, alias unchanged
         with pytest.raises(RegistryError, match="the alias is unchanged"):
-            reg.promote("digits", 1, "production")
-        res = cli("models", "promote", "digits@1", "production", "--registry", reg.root, "-k", str(keys[1]))
+            reg.promote("digits", 1, "production", private_key=keys[0])
+        res = cli("models", "promote", "digits@1", "production", "--registry", reg.root, "-k", str(keys[1]),
+                  "--key", str(keys[0]))
         assert res.exit_code == 2 and "alias is unchanged" in " ".join(res.output.split()), res.output
         no_traceback(res)
     assert _snapshot(reg) == before
@@ -303,7 +304,7 @@ def test_no_command_prints_or_logs_the_private_key(tmp_path, small, caplog):
         run("models", "list", "--registry", reg, *fmt)
         run("models", "show", "digits@best", "--registry", reg, *fmt)
         run("models", "verify", "digits@best", "--registry", reg, "-k", str(public), *fmt)
-    run("models", "promote", "digits@2", "production", "--registry", reg, "-k", str(public))
+    run("models", "promote", "digits@2", "production", "--registry", reg, "-k", str(public), env=env)
     run("models", "export", "digits@best", str(tmp_path / "exported"), "--registry", reg, "-k", str(public))
     # the mistakes a user makes with keys: the private key as the verifying key, and the other way round
     run("models", "verify", "digits@best", "--registry", reg, "-k", str(private), code=1)

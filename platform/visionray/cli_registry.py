@@ -185,9 +185,11 @@ def promote(
     registry: Optional[str] = RegistryOption,
     verify: bool = typer.Option(True, "--verify/--no-verify", help="verify the version before pointing at it"),
     public_key: list[Path] = PublicKeyOption,
+    key: Optional[Path] = typer.Option(None, "--key", help="PEM private key that signs the move (default $VISIONRAY_SIGNING_KEY)"),
     as_json: bool = JsonOption,
 ) -> None:
-    """Move ALIAS to a version (atomically: readers see the old or the new version)."""
+    """Move ALIAS to a version (atomically: readers see the old or the new version), signed: loading
+    by an alias verifies who moved it."""
     from visionray.registry import VerificationError, check_alias
 
     with registry_errors():
@@ -199,7 +201,7 @@ def promote(
                 reg.verify(mv.ref, _keys(public_key))
             except VerificationError as exc:
                 fail([str(exc)], f"not promoting {mv.ref}: verification failed", code=1)
-        reg.promote(mv.name, mv.version, alias)
+        reg.promote(mv.name, mv.version, alias, private_key=key)
     if as_json:
         print(json.dumps({"name": mv.name, "alias": alias, "version": mv.version}))
         return

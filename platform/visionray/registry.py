@@ -23,6 +23,7 @@ Nothing is ever unpickled, and a pickle file inside a version refuses the whole 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import hashlib
@@ -38,15 +39,18 @@ import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from visionray import checkpoint as ckpt
+from visionray.specs import ALIAS_PATTERN, NAME_PATTERN
 
 log = logging.getLogger(__name__)
 
 FORMAT = "visionray-model/1"
+ALIAS_FORMAT = "visionray-alias/1"
 MODEL_FILE = ckpt.MODEL_FILE  # model.safetensors
 METADATA_FILE = ckpt.METADATA_FILE  # metadata.json
 SIGNATURE_FILE = "model.sig"
@@ -57,9 +61,9 @@ ENV_SIGNING_KEY = "VISIONRAY_SIGNING_KEY"
 ENV_VERIFY_KEYS = "VISIONRAY_VERIFY_KEYS"
 ENV_ALLOW_UNSIGNED = "VISIONRAY_ALLOW_UNSIGNED"
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")  # same as specs.RegisterSpec.name
-ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # same as specs.RegisterSpec.alias
-_VERSION_DIR = re.compile(r"^v([1-9][0-9]*)$")
+NAME_RE = re.compile(NAME_PATTERN)  # always fullmatch
+ALIAS_RE = re.compile(ALIAS_PATTERN)
+_VERSION_DIR = re.compile(r"v([1-9][0-9]{0,8})")
 _PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin", ".joblib", ".dill")
 
 MAX_CLAIM_ATTEMPTS = 100  # version numbers tried before giving up
@@ -144,6 +148,14 @@ def allow_unsigned() -> bool:
 
 
 _allow_unsigned_from_env = allow_unsigned  # for functions whose ``allow_unsigned`` argument shadows it
+
+
+def unsigned_reason(allow_unsigned: bool | None) -> str:
+    """Who turned verification off, for the warning: the environment, the caller, or both."""
+    env = f"{ENV_ALLOW_UNSIGNED}=1 in the environment"
+    if allow_unsigned is None:
+        return env
+    return "allow_unsigned=True from the caller" + (f" and {env}" if _allow_unsigned_from_env() else "")
 
 
 # --------------------------------------------------------------------------- keys
@@ -350,6 +362,7 @@ def verify_dir(
     directory = Path(directory)
     label = label or str(directory)
     unsigned_ok = _allow_unsigned_from_env() if allow_unsigned is None else allow_unsigned
+    why = unsigned_reason(allow_unsigned)
     keys = [Path(k) for k in (verify_key_paths() if public_keys is None else public_keys)]
     _check_files(directory, label)
     try:
@@ -371,15 +384,15 @@ def verify_dir(
                     f"{label}: its signed metadata says {reg.get('name')}@v{reg.get('version')}, but it is stored as "
                     f"{expect[0]}@v{expect[1]}: files were moved between versions; do not load it")
         if unsigned_ok:
-            log.warning("!!! %s=1: unsigned or changed models load without verification; %s happened to verify. "
-                        "Never set it in production. !!!", ENV_ALLOW_UNSIGNED, label)
+            log.warning("!!! %s: unsigned or changed models load without verification; %s happened to verify. "
+                        "Never set it in production. !!!", why, label)
         log.debug("%s: signature verified with %s", label, signer)
         return meta
     except VerificationError as exc:
         if not unsigned_ok:
             raise
-        log.warning("!!! %s=1: loading %s DESPITE FAILED VERIFICATION: %s. Never do this in production. !!!",
-                    ENV_ALLOW_UNSIGNED, label, exc)
+        log.warning("!!! %s: loading %s DESPITE FAILED VERIFICATION: %s. Never do this in production. !!!",
+                    why, label, exc)
         return _read_version_metadata(directory, label)
 
 
@@ -433,6 +446,90 @@ def is_model_dir(path: str | Path) -> bool:
         return json.loads((path / METADATA_FILE).read_text()).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
+
+
+# --------------------------------------------------------------------------- signed aliases
+
+
+class AliasRecord(BaseModel):
+    """What ``<name>/aliases/<alias>`` holds: where the alias points, signed by the key that moved
+    it. Aliases move after a version is signed, so the version's own signature cannot name them;
+    signing the move itself means whoever can write the storage (whom signatures must stop) cannot
+    repoint ``production`` at another version. Loading by alias verifies this record first."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["visionray-alias/1"] = ALIAS_FORMAT
+    name: str
+    alias: str
+    version: int = Field(ge=1)
+    promoted: str
+    signer: str | None = None
+    signature: str | None = None  # base64 ECDSA-P256-SHA256 over ``payload()``
+
+    def payload(self) -> bytes:
+        return json.dumps(self.model_dump(exclude={"signature"}), sort_keys=True, separators=(",", ":")).encode()
+
+    @classmethod
+    def parse(cls, text: str, name: str, alias: str) -> "AliasRecord | None":
+        """The record, or None when the text is none; a bare version number (aliases before they
+        were signed) reads as an unsigned record."""
+        if text.strip().isdigit():
+            return cls(name=name, alias=alias, version=int(text.strip()), promoted="")
+        try:
+            return cls.model_validate_json(text)
+        except ValueError:
+            return None
+
+
+def sign_alias(name: str, alias: str, version: int, private_key: Path | None) -> AliasRecord:
+    """A new record for ``alias`` -> ``version``, signed with ``private_key`` (None: unsigned)."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    promoted = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    if private_key is None:
+        return AliasRecord(name=name, alias=alias, version=version, promoted=promoted)
+    signer = key_fingerprint(public_key_of(private_key))
+    unsigned = AliasRecord(name=name, alias=alias, version=version, promoted=promoted, signer=signer)
+    key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
+    signature = key.sign(unsigned.payload(), ec.ECDSA(hashes.SHA256()))
+    return unsigned.model_copy(update={"signature": base64.b64encode(signature).decode()})
+
+
+def verify_alias(record: AliasRecord, name: str, alias: str, public_keys: list[Path]) -> str:
+    """The fingerprint of the trusted key that signed ``record``; ``VerificationError`` otherwise."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    label = f"{name}@{alias}"
+    if (record.name, record.alias) != (name, alias):
+        raise VerificationError(f"{label}: its alias file says {record.name}@{record.alias}: copied from elsewhere; "
+                                f"move it with `visionray models promote {name}@N {alias} --key KEY`")
+    if not record.signature:
+        raise VerificationError(f"{label} is not signed (moved without a signing key, by hand, or before aliases were "
+                                f"signed); re-point it with `visionray models promote {name}@{record.version} {alias} "
+                                f"--key KEY`, or load {name}@{record.version} by its version")
+    if not public_keys:
+        raise VerificationError(f"{label}: no public key to verify the alias with; pass the signer's .pub with "
+                                f"--public-key or set {ENV_VERIFY_KEYS}")
+    try:
+        signature = base64.b64decode(record.signature, validate=True)
+    except ValueError:
+        raise VerificationError(f"{label}: the alias signature is not base64") from None
+    for path in public_keys:
+        _check_public_key(path)
+        key = serialization.load_pem_public_key(path.read_bytes())
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            continue
+        try:
+            key.verify(signature, record.payload(), ec.ECDSA(hashes.SHA256()))
+        except InvalidSignature:
+            continue
+        return key_fingerprint(key)
+    raise VerificationError(f"{label}: the alias record (-> v{record.version}) is not signed by a trusted key: moved "
+                            "by someone else, or edited; do not load it by this alias")
 
 
 # --------------------------------------------------------------------------- storage
@@ -570,7 +667,7 @@ class _Store:
                 os.rmdir(self.path(name, ".claims", f"v{version}"))
 
     def claimed_versions(self, name: str) -> list[int]:
-        return [int(m.group(1)) for n, _ in self.listdir(name, ".claims") if (m := _VERSION_DIR.match(n))]
+        return [int(m.group(1)) for n, _ in self.listdir(name, ".claims") if (m := _VERSION_DIR.fullmatch(n))]
 
     # -- staging and publishing
     def staging_dir(self, name: str) -> Path:
@@ -594,23 +691,45 @@ class _Store:
                 shutil.copyfileobj(src, dst, 1 << 20)
         shutil.rmtree(staged, ignore_errors=True)
 
-    def fetch(self, name: str, version: int, dest: Path) -> None:
-        """Copy a version's files (whatever is there) into the local directory ``dest``."""
-        if self.local:
-            shutil.copytree(self.path(name, f"v{version}"), dest, symlinks=True)
-            return
-        import pyarrow.fs as pafs
+    def is_link(self, *parts: str) -> bool:
+        """A symbolic link (local stores; object stores have none)."""
+        return self.local and os.path.islink(self.path(*parts))
 
-        src = self.path(name, f"v{version}")
-        for info in self.fs.get_file_info(pafs.FileSelector(src, recursive=True)):
-            rel = info.path[len(src):].lstrip("/")
-            out = dest / rel
-            if info.type == pafs.FileType.Directory:
-                out.mkdir(parents=True, exist_ok=True)
-                continue
-            out.parent.mkdir(parents=True, exist_ok=True)
-            with self.fs.open_input_stream(info.path) as fh, out.open("wb") as dst:
-                shutil.copyfileobj(fh, dst, 1 << 20)
+    def fetch(self, name: str, version: int, dest: Path) -> None:
+        """Copy exactly the version's files, by their expected names, into the new local directory
+        ``dest``. Anything else under the version (another object, a directory, a link, a key with
+        ``..`` or that escapes it) refuses the version before a byte is written."""
+        label, src = f"{name}@v{version}", self.path(name, f"v{version}")
+        if self.local:
+            for parts in ((name,), (name, f"v{version}")):
+                if self.is_link(*parts):
+                    raise VerificationError(f"{label}: {'/'.join(parts)} is a symbolic link; a registry holds real "
+                                            "directories, so a link is someone pointing it elsewhere")
+            found = [(e.name, e.is_file(follow_symlinks=False)) for e in os.scandir(src)]
+        else:
+            import pyarrow.fs as pafs
+
+            found = []
+            for info in self.fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+                inside = info.path.startswith(src + "/")
+                found.append((info.path[len(src) + 1:] if inside else info.path, info.type == pafs.FileType.File))
+        for rel, is_file in found:
+            if rel not in VERSION_FILES and Path(rel).suffix.lower() in _PICKLE_SUFFIXES:
+                raise VerificationError(f"{label}: pickle file {rel[:200]} rejected: VisionRay never unpickles; remove it "
+                                        "(weights belong in model.safetensors, written by safetensors)")
+            if rel not in VERSION_FILES or not is_file:
+                raise VerificationError(f"{label}: unexpected {'object' if is_file else 'entry'} {rel[:200]!r} under the "
+                                        f"version (a version holds only {', '.join(VERSION_FILES)}); refused, nothing "
+                                        "was copied")
+        dest.mkdir(parents=True)
+        for rel, _ in found:
+            if self.local:
+                fd = os.open(os.path.join(src, rel), os.O_RDONLY | os.O_NOFOLLOW)
+                src_fh = os.fdopen(fd, "rb")
+            else:
+                src_fh = self.fs.open_input_stream(f"{src}/{rel}")
+            with src_fh, (dest / rel).open("xb") as out:
+                shutil.copyfileobj(src_fh, out, 1 << 20)
 
 
 # --------------------------------------------------------------------------- the registry
@@ -618,15 +737,16 @@ class _Store:
 
 def parse_ref(ref: str) -> tuple[str, str | None]:
     """``name``, ``name@alias``, ``name@3`` or ``name@v3`` -> (name, selector or None)."""
-    name, sep, selector = ref.strip().partition("@")
-    if not NAME_RE.match(name) or (sep and not selector):
+    name, sep, selector = ref.partition("@")
+    bad_selector = sep and not (ALIAS_RE.fullmatch(selector) or re.fullmatch(r"v?[1-9][0-9]{0,8}", selector))
+    if not NAME_RE.fullmatch(name) or bad_selector:
         raise RegistryError(f"model reference {ref!r}: expected NAME, NAME@ALIAS, NAME@3 or NAME@v3 "
                             f"(names: lowercase letters, digits, '_', '.', '-')")
     return name, selector or None
 
 
 def check_alias(alias: str) -> None:
-    if not ALIAS_RE.match(alias):
+    if not ALIAS_RE.fullmatch(alias):
         raise RegistryError(f"alias {alias!r}: a lowercase letter, then letters, digits, '_' or '-' (at most 32)")
     if alias == "latest" or re.fullmatch(r"v[0-9]+", alias):
         raise RegistryError(f"alias {alias!r} is reserved (it names versions); choose another, e.g. production")
@@ -656,28 +776,32 @@ class Registry:
     # -- reading
     def names(self) -> list[str]:
         """Models with at least one version."""
-        return sorted(n for n, is_dir in self._store.listdir() if is_dir and NAME_RE.match(n) and self._versions(n))
+        return sorted(n for n, is_dir in self._store.listdir() if is_dir and NAME_RE.fullmatch(n) and self._versions(n))
 
     def _versions(self, name: str) -> list[int]:
         found = []
         for entry, is_dir in self._store.listdir(name):
-            m = _VERSION_DIR.match(entry)
+            m = _VERSION_DIR.fullmatch(entry)
             if m and is_dir and self._store.exists(name, entry, METADATA_FILE):
                 found.append(int(m.group(1)))
         return sorted(found)
 
     def aliases(self, name: str) -> dict[str, int]:
-        """alias -> version for one model."""
+        """alias -> version for one model, as stored (``resolve`` with keys verifies)."""
+        return {alias: rec.version for alias, rec in self._alias_records(name).items()}
+
+    def _alias_records(self, name: str) -> dict[str, AliasRecord]:
         out = {}
         for alias, is_dir in self._store.listdir(name, "aliases"):
-            if is_dir or not ALIAS_RE.match(alias):
-                continue  # temp files of a move in progress
+            if is_dir or not ALIAS_RE.fullmatch(alias) or self._store.is_link(name, "aliases", alias):
+                continue  # temp files of a move in progress; a link is not an alias
             try:
                 text = self._store.read_text(name, "aliases", alias)
             except (OSError, UnicodeDecodeError):
                 continue  # unreadable: not an alias (promote rewrites it)
-            if text is not None and text.strip().isdigit():
-                out[alias] = int(text.strip())
+            record = AliasRecord.parse(text, name, alias) if text is not None else None
+            if record is not None:
+                out[alias] = record
         return dict(sorted(out.items()))
 
     def _version(self, name: str, version: int, aliases: dict[str, int]) -> ModelVersion:
@@ -696,7 +820,7 @@ class Registry:
     def list(self, name: str | None = None) -> list[ModelVersion]:
         """Every version (oldest first per model), or one model's. Metadata here is as stored:
         ``verify`` checks it."""
-        if name is not None and not NAME_RE.match(name):
+        if name is not None and not NAME_RE.fullmatch(name):
             raise RegistryError(f"model name {name!r}: lowercase letters, digits, '_', '.', '-' (at most 64)")
         out = []
         for n in [name] if name else self.names():
@@ -704,12 +828,16 @@ class Registry:
             out.extend(self._version(n, v, aliases) for v in self._versions(n))
         return out
 
-    def resolve(self, ref: str) -> ModelVersion:
-        """``name`` (latest version), ``name@alias``, ``name@3`` or ``name@v3``."""
+    def resolve(self, ref: str, public_keys: list[str | Path] | None = None, *,
+                allow_unsigned: bool | None = None) -> ModelVersion:
+        """``name`` (latest version), ``name@alias``, ``name@3`` or ``name@v3``. With
+        ``public_keys`` (what loading passes) an alias must be signed by one of them
+        (``verify_alias``); ``allow_unsigned`` (default ``$VISIONRAY_ALLOW_UNSIGNED``) warns instead."""
         name, selector = parse_ref(ref)
         # Aliases before versions: an alias only ever moves to a published version, so a version
         # an alias read here points at is in the listing that follows.
-        aliases = self.aliases(name)
+        records = self._alias_records(name)
+        aliases = {alias: rec.version for alias, rec in records.items()}
         versions = self._versions(name)
         if not versions:
             known = ", ".join(self.names()) or "none"
@@ -723,6 +851,8 @@ class Registry:
                 raise RegistryError(f"{name} has no version {version} (versions: {', '.join(map(str, versions))})")
         elif selector in aliases:
             version = aliases[selector]
+            if public_keys is not None:
+                self._verify_alias(records[selector], name, selector, public_keys, allow_unsigned)
             if version not in versions:
                 raise RegistryError(f"{name}@{selector} points at version {version}, which does not exist; "
                                     f"move it with `visionray models promote {name}@N {selector}`")
@@ -732,13 +862,22 @@ class Registry:
                                 f"{', '.join(map(str, versions))})")
         return self._version(name, version, aliases)
 
+    def _verify_alias(self, record: AliasRecord, name: str, alias: str, public_keys: list[str | Path],
+                      allow_unsigned: bool | None) -> None:
+        try:
+            verify_alias(record, name, alias, [Path(k) for k in public_keys])
+        except VerificationError as exc:
+            if not (_allow_unsigned_from_env() if allow_unsigned is None else allow_unsigned):
+                raise
+            log.warning("!!! %s: following %s@%s DESPITE: %s !!!", unsigned_reason(allow_unsigned), name, alias, exc)
+
     # -- writing
     def register(
         self, checkpoint_dir: str | Path, name: str, *, alias: str | None = None,
         private_key: str | Path | None = None, lineage: dict | None = None,
     ) -> ModelVersion:
         """Add a training checkpoint as the next version of ``name``, signed, and move ``alias``."""
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise RegistryError(f"model name {name!r}: lowercase letters, digits, '_', '.', '-' "
                                 "(first a letter or digit, at most 64)")
         if alias is not None:
@@ -782,7 +921,7 @@ class Registry:
         log.info("registered %s@v%d at %s", name, version, self._store.uri(name, f"v{version}"))
         if alias is not None:
             try:
-                self.promote(name, version, alias)
+                self.promote(name, version, alias, private_key=key)
             except RegistryError as exc:
                 raise RegistryError(f"registered {name}@v{version}, but {exc}; run `visionray models promote "
                                     f"{name}@{version} {alias}` when the storage is writable") from None
@@ -816,14 +955,23 @@ class Registry:
         }
         return record
 
-    def promote(self, name: str, version: int, alias: str) -> None:
-        """Point ``alias`` at ``version`` in one atomic write."""
+    def promote(self, name: str, version: int, alias: str, *, private_key: str | Path | None = None) -> None:
+        """Point ``alias`` at ``version`` in one atomic write of a record signed with ``private_key``
+        (default ``$VISIONRAY_SIGNING_KEY``; unsigned only with ``$VISIONRAY_ALLOW_UNSIGNED=1``)."""
         check_alias(alias)
         versions = self._versions(name)
         if version not in versions:
             raise RegistryError(f"{name} has no version {version} (versions: {', '.join(map(str, versions)) or 'none'})")
+        key = private_key or signing_key_path()
+        if key is None and not allow_unsigned():
+            raise RegistryError(f"moving {name}@{alias} needs the signing key (aliases are signed, so that whoever can "
+                                f"write the storage cannot repoint them): pass --key or set {ENV_SIGNING_KEY}")
+        if key is None:
+            log.warning("!!! %s=1: %s@%s moved UNSIGNED; it will not load where verification is on !!!",
+                        ENV_ALLOW_UNSIGNED, name, alias)
+        record = sign_alias(name, alias, version, Path(key).expanduser() if key is not None else None)
         try:
-            self._store.write_text_atomic(f"{version}\n", name, "aliases", alias)
+            self._store.write_text_atomic(record.model_dump_json(indent=2) + "\n", name, "aliases", alias)
         except OSError as exc:
             raise _storage_error(exc, f"cannot move {name}@{alias} to v{version}; the alias is unchanged") from None
         log.info("%s@%s -> v%d", name, alias, version)
@@ -835,7 +983,7 @@ class Registry:
     def verify(self, ref: str, public_keys: list[str | Path] | None = None) -> ModelVersion:
         """Check a version's files against its signature and the trusted keys; raises
         ``VerificationError`` saying what failed. Returns the version with verified metadata."""
-        mv = self.resolve(ref)
+        mv = self.resolve(ref, _trusted(public_keys), allow_unsigned=False)
         with self._fetched(mv) as copy:
             meta = verify_dir(copy, public_keys, allow_unsigned=False, expect=(mv.name, mv.version), label=mv.ref)
         return ModelVersion(mv.name, mv.version, mv.uri, meta, mv.aliases)
@@ -845,7 +993,7 @@ class Registry:
         device: str = "cpu",
     ) -> tuple[torch.nn.Module, dict]:
         """Verify, then build the model (eval mode) from safetensors and JSON only."""
-        mv = self.resolve(ref)
+        mv = self.resolve(ref, _trusted(public_keys), allow_unsigned=allow_unsigned)
         with self._fetched(mv) as copy:
             meta = verify_dir(copy, public_keys, allow_unsigned=allow_unsigned, expect=(mv.name, mv.version),
                               label=mv.ref)
@@ -856,7 +1004,7 @@ class Registry:
         dest = Path(dest)
         if dest.exists() and any(dest.iterdir()):
             raise RegistryError(f"{dest} exists and is not empty; export into a new directory")
-        mv = self.resolve(ref)
+        mv = self.resolve(ref, _trusted(public_keys), allow_unsigned=False)
         with self._fetched(mv) as copy:
             verify_dir(copy, public_keys, expect=(mv.name, mv.version), label=mv.ref)
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -864,6 +1012,10 @@ class Registry:
                 dest.rmdir()
             shutil.copytree(copy, dest)
         return dest
+
+
+def _trusted(public_keys: list[str | Path] | None) -> list[str | Path]:
+    return verify_key_paths() if public_keys is None else public_keys
 
 
 class _Fetched:
@@ -877,8 +1029,10 @@ class _Fetched:
         copy = Path(self.tmp.name) / f"v{self.mv.version}"
         try:
             self.store.fetch(self.mv.name, self.mv.version, copy)
-        except OSError as exc:  # shutil.Error included; __exit__ does not run when __enter__ raises
+        except BaseException as exc:  # __exit__ does not run when __enter__ raises
             self.tmp.cleanup()
+            if not isinstance(exc, OSError):  # VerificationError: the listing itself was refused
+                raise
             raise RegistryError(f"{self.mv.ref}: cannot read its files ({exc}); it was deleted or moved while "
                                 f"being read: list the registry again (`visionray models list {self.mv.name}`)"
                                 ) from None

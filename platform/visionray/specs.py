@@ -309,9 +309,15 @@ class OutputSpec(Strict):
     storage: str = Field(defaults.RUNS_DIR, description="local path or URI (s3://, gs://) every node can reach")
 
 
+# Registry names and aliases, the one definition (registry, serve config and specs use these, always
+# with ``re.fullmatch``: ``$`` would also accept a trailing newline).
+NAME_PATTERN = r"[a-z0-9][a-z0-9_.-]{0,63}"
+ALIAS_PATTERN = r"[a-z][a-z0-9_-]{0,31}"
+
+
 class RegisterSpec(Strict):
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_.-]{0,63}$", description="registry model name")
-    alias: str | None = Field("best", pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="alias moved to the new version")
+    name: str = Field(pattern=rf"^{NAME_PATTERN}$", description="registry model name")
+    alias: str | None = Field("best", pattern=rf"^{ALIAS_PATTERN}$", description="alias moved to the new version")
     registry: str | None = Field(None, description="registry root; default $VISIONRAY_REGISTRY or ./registry")
     signing_key: str | None = Field(None, description="PEM private key that signs the version; default $VISIONRAY_SIGNING_KEY")
 
@@ -408,6 +414,15 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+SHOWN_CHARS = 200  # longest value quoted in an error message
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, cut to ``SHOWN_CHARS`` with the length it had."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
+
+
 def format_errors(exc: ValidationError) -> list[str]:
     """One line per error: the field path, what is wrong and what is allowed, and the value given."""
     lines = []
@@ -421,7 +436,7 @@ def format_errors(exc: ValidationError) -> list[str]:
             msg = "unknown field (check the spelling; see `visionray validate --help` for the reference)"
         line = f"{loc or '(top level)'}: {msg}"
         if err["type"] not in ("missing", "union_tag_invalid") and not err["type"].startswith("value_error"):
-            line += f" (got {err['input']!r})"
+            line += f" (got {shown(err['input'])})"
         lines.append(line)
     return lines
 
@@ -434,9 +449,14 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise SpecError(str(path), [f"not UTF-8 text (byte {exc.start}): a spec is a YAML file"]) from None
     try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: an alias is not expanded here
+            if isinstance(event, yaml.AliasEvent):
+                mark = event.start_mark
+                raise SpecError(str(path), [f"line {mark.line + 1}: YAML alias *{event.anchor[:40]} refused; a spec "
+                                            "writes each value out (aliases can expand a few bytes into gigabytes)"])
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError(str(path), [f"not valid YAML: {' '.join(str(exc).split())}"]) from None
+        raise SpecError(str(path), [f"not valid YAML: {' '.join(str(exc).split())[:500]}"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

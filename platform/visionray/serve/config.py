@@ -14,10 +14,10 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from visionray.specs import SpecError, Strict, read_yaml, validate_model
+from visionray.specs import ALIAS_PATTERN, NAME_PATTERN, SpecError, Strict, read_yaml, shown, validate_model
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
-MODEL_REF = re.compile(r"^(?P<name>[a-z0-9][a-z0-9_.-]{0,63})@(?P<tag>[a-z][a-z0-9_-]{0,31}|[1-9][0-9]{0,8})$")
+MODEL_REF = re.compile(rf"(?P<name>{NAME_PATTERN})@(?P<tag>{ALIAS_PATTERN}|[1-9][0-9]{{0,8}})")  # fullmatch
 IMPORT_PATH = "visionray.serve.app:build_app"
 
 
@@ -177,8 +177,8 @@ class ServeSpec(Strict):
     @field_validator("model")
     @classmethod
     def _ref(cls, v: str | None) -> str | None:
-        if v is not None and not MODEL_REF.match(v):
-            raise ValueError(f"model {v!r} is not NAME@ALIAS or NAME@VERSION (e.g. digits@best, digits@3)")
+        if v is not None and not MODEL_REF.fullmatch(v):
+            raise ValueError(f"model {shown(v)} is not NAME@ALIAS or NAME@VERSION (e.g. digits@best, digits@3)")
         return v
 
     @model_validator(mode="after")

@@ -35,21 +35,33 @@ class Source:
     allow_unsigned: bool
 
 
+UNSIGNED_BY = "allow_unsigned: true in the serve config and VISIONRAY_ALLOW_UNSIGNED=1 in the environment"
+
+
 def resolve_source(spec: ServeSpec) -> Source:
-    """Pin the alias to its current version and make every path absolute (replicas run elsewhere).
-    Keys and the unsigned switch fall back to $VISIONRAY_VERIFY_KEYS / $VISIONRAY_ALLOW_UNSIGNED
-    read here, where the app is built."""
+    """Pin the alias to its current version (its signed record verified first) and make every path
+    absolute (replicas run elsewhere). Keys fall back to $VISIONRAY_VERIFY_KEYS, read here, where
+    the app is built. Verification is off only when the config's ``allow_unsigned`` and
+    $VISIONRAY_ALLOW_UNSIGNED=1 are both set: one of them alone is refused (``UnsignedRefused``)."""
     from visionray import registry as reg
 
     keys = tuple(str(Path(k).expanduser().resolve()) for k in (spec.public_keys or reg.verify_key_paths()))
-    unsigned = spec.allow_unsigned or reg.allow_unsigned()
+    if spec.allow_unsigned and not reg.allow_unsigned():
+        raise UnsignedRefused(f"allow_unsigned: true in the serve config turns model verification off only together with "
+                              f"{reg.ENV_ALLOW_UNSIGNED}=1 in the environment where the app is built (development "
+                              "only); set both, or serve a signed registry model")
+    unsigned = spec.allow_unsigned
     if spec.checkpoint is not None:
         return Source(None, None, str(Path(spec.checkpoint).expanduser().resolve()), keys, unsigned)
     root = spec.registry or reg.default_registry_root()
     if "://" not in root:
         root = str(Path(root).expanduser().resolve())
-    mv = reg.Registry(root).resolve(spec.model)
+    mv = reg.Registry(root).resolve(spec.model, list(keys), allow_unsigned=unsigned)
     return Source(f"{mv.name}@{mv.version}", root, None, keys, unsigned)
+
+
+class UnsignedRefused(ValueError):
+    """``allow_unsigned`` set in one place only (the serve config or the environment)."""
 
 
 def pick_device(setting: str) -> torch.device:
@@ -67,7 +79,7 @@ def load_source(source: Source, device: torch.device) -> tuple[torch.nn.Module, 
         from visionray.checkpoint import load_model
 
         assert source.allow_unsigned, "ServeSpec requires allow_unsigned for checkpoint directories"
-        logger.warning("serving UNSIGNED checkpoint %s (allow_unsigned: development only)", source.checkpoint)
+        logger.warning("serving UNSIGNED checkpoint %s (%s: development only)", source.checkpoint, UNSIGNED_BY)
         model, meta = load_model(source.checkpoint, device=device)
         return model, meta, meta.get("spec", {}).get("output", {}).get("name", Path(source.checkpoint).name), None
     from visionray.registry import Registry
