@@ -392,3 +392,43 @@ def test_pbt_search_exploits_and_records_a_loadable_best(ray_cluster, tmp_path):
     model, meta = load_model(best["checkpoint"])
     assert meta["metrics"]["val_acc"] == pytest.approx(out.best.best_value)
     assert evaluate_checkpoint(model, meta, "val").top1 > 0.5
+
+
+class _Payload:
+    """A pickle that runs a shell command when loaded: what a crafted tuner.pkl carries."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("attack", ["unsealed", "swapped_after_seal", "sealed_with_another_key"])
+def test_resume_refuses_state_it_did_not_seal_and_never_unpickles_it(tmp_path, monkeypatch, attack):
+    import pickle
+
+    from visionray import seal
+
+    monkeypatch.setenv(seal.ENV_STATE_KEY_FILE, str(tmp_path / "keys" / "state.key"))
+    spec = _search(tmp_path, "crafted", [])
+    exp = Path(vtune.experiment_dir(spec))
+    exp.mkdir(parents=True)
+    marker = tmp_path / "payload-ran"
+    (exp / "experiment_state-2026.json").write_text("{}")
+    (exp / "tuner.pkl").write_bytes(pickle.dumps({"tuner": "harmless"}))
+    if attack == "swapped_after_seal":
+        seal.seal(str(exp))
+    elif attack == "sealed_with_another_key":
+        monkeypatch.setenv(seal.ENV_STATE_KEY_FILE, str(tmp_path / "keys" / "attacker.key"))
+        seal.seal(str(exp))
+        monkeypatch.setenv(seal.ENV_STATE_KEY_FILE, str(tmp_path / "keys" / "state.key"))
+        seal.state_key(create=True)
+    (exp / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    message = {"unsealed": "no .visionray-seal.json", "swapped_after_seal": "changed: tuner.pkl",
+               "sealed_with_another_key": "not made with this machine's state key"}[attack]
+    with pytest.raises(vtune.SearchError, match=message):
+        vtune.run_search(spec, resume=True)
+    with pytest.raises(vtune.SearchError, match=message):  # a refused resume does not seal what it refused
+        vtune.run_search(spec, resume=True)
+    assert not marker.exists()

@@ -21,3 +21,8 @@ LR_REFERENCE_BATCH = 256  # images
 
 # Ray's dashboard and Jobs API bind here in local mode.
 LOCAL_HOST = "127.0.0.1"
+
+# The secret that seals a search's state for `visionray tune --resume` (32 random bytes, mode 0600,
+# created on first use). It must live outside the storage the state is on: whoever can write the
+# storage must not be able to re-seal it. $VISIONRAY_STATE_KEY_FILE names another file.
+STATE_KEY_FILE = Path.home() / ".config" / "visionray" / "state.key"

@@ -38,6 +38,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from ray.tune import Callback
 
 from visionray import checkpoint as ckpt
+from visionray import seal
 from visionray.specs import (
     AUGMENT_OPS,
     AugmentOp,
@@ -996,11 +997,16 @@ def run_search(
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     exp = experiment_dir(spec)
     _LISTENER[:] = [on_update] if on_update is not None else []
-    start = time.time()
+    start, fitted = time.time(), False
     try:
         if resume:
             if not tune.Tuner.can_restore(exp):
                 raise SearchError(f"{exp}: no search to resume there (run it without --resume first)")
+            try:  # Tuner.restore unpickles the experiment's state: only what this driver sealed
+                seal.verify(exp)
+            except seal.SealError as exc:
+                raise SearchError(f"{exp}: not resuming: {exc}. Ray would unpickle these files, so VisionRay resumes "
+                                  "only state it sealed itself; start a new search (--set output.name=...)") from None
             tuner = tune.Tuner.restore(exp, trainable=_trainable(spec), resume_unfinished=True, resume_errored=False)
         else:
             if "://" not in exp and (Path(exp) / "tuner.pkl").exists():
@@ -1028,7 +1034,10 @@ def run_search(
             )
         with warnings.catch_warnings():  # Tune's hint to reuse actors does not apply to function trainables
             warnings.filterwarnings("ignore", message="Consider boosting PBT performance")
+            fitted = True  # from here on, the experiment's state is this driver's own
             grid = tuner.fit()
+        return collect(spec, grid, time.time() - start)
     finally:
         _LISTENER.clear()
-    return collect(spec, grid, time.time() - start)
+        if fitted:  # never a state this call refused to resume or start over
+            seal.seal(exp)  # what --resume will check; after collect, which writes best.json here
