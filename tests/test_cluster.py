@@ -227,6 +227,84 @@ def test_upload_over_rays_limit_is_refused_naming_the_largest_paths(tmp_path):
     assert '"kind": "train"' in out.stdout
 
 
+@pytest.mark.parametrize("ignore_gitignore", ["0", "1"])
+def test_submit_refuses_to_upload_private_keys_and_names_them(tmp_path, ignore_gitignore):
+    from visionray import registry as vreg
+
+    project = _copy_project(tmp_path)
+    vreg.generate_keys(project / "keys" / "signer")  # excluded by name: never shipped
+    (project / "deploy.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    (project / ".env").write_text("AWS_SECRET_ACCESS_KEY=x\n")
+    (project / "jobs" / "notes.txt").write_bytes((project / "keys" / "signer.key").read_bytes())  # a key by content
+    env = {"RAY_RUNTIME_ENV_IGNORE_GITIGNORE": ignore_gitignore}
+    out = _cli("submit", str(project / "jobs" / "quickstart.yaml"), "--project-dir", str(project),
+               "--storage", str(tmp_path / "runs"), "--dry-run", env=env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    text = " ".join(out.stderr.split())
+    assert "refusing to upload secrets" in text and "jobs/notes.txt: holds a PEM private key" in text
+    assert "Traceback" not in out.stderr
+    (project / "jobs" / "notes.txt").unlink()
+    out = _cli("submit", str(project / "jobs" / "quickstart.yaml"), "--project-dir", str(project),
+               "--storage", str(tmp_path / "runs"), "--dry-run", env=env)
+    assert out.returncode == 0, out.stderr
+    from visionray.jobs import measure_upload
+
+    os.environ["RAY_RUNTIME_ENV_IGNORE_GITIGNORE"] = ignore_gitignore
+    try:
+        shipped = set(measure_upload(project).files)
+    finally:
+        del os.environ["RAY_RUNTIME_ENV_IGNORE_GITIGNORE"]
+    assert not {"keys/signer.key", "keys/signer.pub", "deploy.pem", ".env"} & shipped, shipped
+
+
+@pytest.mark.parametrize("url, insecure, allowed", [
+    ("http://10.1.2.3:8265", False, False), ("http://head.internal:8265", False, False),
+    ("http://127.0.0.1:8265", False, True), ("http://localhost:8265", False, True), ("http://[::1]:8265", False, True),
+    ("https://head.internal:8265", False, True), ("http://head.internal:8265", True, True),
+])
+def test_the_token_goes_over_plain_http_only_to_loopback_or_with_the_flag(url, insecure, allowed):
+    from visionray import jobs
+
+    if allowed:
+        jobs.check_token_transport(url, insecure)
+    else:
+        with pytest.raises(jobs.JobsError, match="plain http") as e:
+            jobs.check_token_transport(url, insecure)
+        assert "--insecure-token" in " ".join(e.value.lines)
+
+
+def test_a_loopback_head_asking_for_the_token_gets_it_and_only_in_the_header(monkeypatch):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from visionray import jobs
+
+    seen: list[str | None] = []
+
+    class Head(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            seen.append(self.headers.get("Authorization"))
+            body = b'{"authentication_mode": "token"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)
+    server = HTTPServer((LOOPBACK, 0), Head)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        headers = jobs.auth_headers(f"http://{LOOPBACK}:{server.server_port}")
+    finally:
+        server.shutdown()
+    assert headers == {"Authorization": "Bearer " + "t" * 32}
+    assert seen == [None]  # the mode probe never carries the token
+
+
 def test_unreachable_head_is_a_clear_error():
     with socket.socket() as s:
         s.bind((LOOPBACK, 0))

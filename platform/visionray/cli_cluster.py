@@ -19,6 +19,8 @@ JobAddressOption = typer.Option(
     help="the head's Jobs API, e.g. http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS, "
          "else a Ray started on this machine)",
 )
+InsecureTokenOption = typer.Option(
+    False, "--insecure-token", help="send Ray's token to a non-loopback head over plain http (trusted networks only)")
 # How often `submit --wait` and `jobs logs --follow` poll for the end of a job (s).
 POLL_S = 1.0
 FAILED_EXIT = 1  # the job ended FAILED or STOPPED
@@ -91,6 +93,7 @@ def register(app: typer.Typer) -> None:
         extra: Optional[list[str]] = typer.Argument(None, metavar="[-- ARGS]",
                                                     help="more arguments for the command on the cluster, after --"),
         address: Optional[str] = JobAddressOption,
+        insecure_token: bool = InsecureTokenOption,
         wait: bool = typer.Option(False, "--wait", help="stream the job's log until it ends; exit 1 unless it SUCCEEDED"),
         set_: list[str] = SetOption,
         storage: Optional[str] = typer.Option(
@@ -115,7 +118,7 @@ def register(app: typer.Typer) -> None:
                 return
             for warning in plan.warnings:
                 err.print(f"[yellow]warning[/]: {escape(warning)}")
-            client = jobs.connect(address)
+            client = jobs.connect(address, insecure_token)
             console.print(f"[bold]visionray submit[/] {plan.kind} {plan.spec}: shipping "
                           f"{plan.upload.total / 2**20:.1f} MiB from {Path(project_dir).resolve()}")
             sid = jobs.submit(client, plan, job_id)
@@ -129,6 +132,7 @@ def register(app: typer.Typer) -> None:
     @jobs_app.command("list")
     def list_command(
         address: Optional[str] = JobAddressOption,
+        insecure_token: bool = InsecureTokenOption,
         all_: bool = typer.Option(False, "--all", help="every Ray job, not only VisionRay's"),
         as_json: bool = typer.Option(False, "--json", help="print JSON for machines"),
     ) -> None:
@@ -136,7 +140,7 @@ def register(app: typer.Typer) -> None:
         from visionray import jobs
 
         with _Errors():
-            client = jobs.connect(address)
+            client = jobs.connect(address, insecure_token)
             found = [j for j in client.list_jobs() if j.submission_id and (all_ or (j.metadata or {}).get("visionray_kind"))]
         found.sort(key=lambda j: j.start_time or 0)
         if as_json:
@@ -157,13 +161,14 @@ def register(app: typer.Typer) -> None:
     def status_command(
         job_id: str = typer.Argument(..., help="submission id (see `visionray jobs list`)"),
         address: Optional[str] = JobAddressOption,
+        insecure_token: bool = InsecureTokenOption,
         as_json: bool = typer.Option(False, "--json", help="print JSON for machines"),
     ) -> None:
         """One job's status, entrypoint, times and message."""
         from visionray import jobs
 
         with _Errors():
-            info = jobs.job_info(jobs.connect(address), job_id)
+            info = jobs.job_info(jobs.connect(address, insecure_token), job_id)
         if as_json:
             print(json.dumps({"id": job_id, "status": info.status.value, "entrypoint": info.entrypoint,
                               "message": info.message, "start_time": info.start_time, "end_time": info.end_time,
@@ -183,13 +188,14 @@ def register(app: typer.Typer) -> None:
     def logs_command(
         job_id: str = typer.Argument(..., help="submission id (see `visionray jobs list`)"),
         address: Optional[str] = JobAddressOption,
+        insecure_token: bool = InsecureTokenOption,
         follow: bool = typer.Option(False, "--follow", "-f", help="keep streaming until the job ends; exit 1 unless it SUCCEEDED"),
     ) -> None:
         """The job's output (per-epoch lines for training jobs)."""
         from visionray import jobs
 
         with _Errors():
-            client = jobs.connect(address)
+            client = jobs.connect(address, insecure_token)
             if follow:
                 code = _follow(client, job_id)
             else:
@@ -201,12 +207,13 @@ def register(app: typer.Typer) -> None:
     def stop_command(
         job_id: str = typer.Argument(..., help="submission id (see `visionray jobs list`)"),
         address: Optional[str] = JobAddressOption,
+        insecure_token: bool = InsecureTokenOption,
     ) -> None:
         """Stop a running job (a training job resumes from its checkpoint when submitted again)."""
         from visionray import jobs
 
         with _Errors():
-            client = jobs.connect(address)
+            client = jobs.connect(address, insecure_token)
             stopped = jobs.stop(client, job_id)
             status = jobs.job_info(client, job_id).status
         console.print(f"job {job_id}: " + ("stop requested" if stopped else f"already ended ({_status(status)})"))

@@ -36,7 +36,11 @@ Kind = Literal["train", "tune", "serve"]
 EXCLUDES = [
     ".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis",
     "/data/", "/runs/", "/results/", "/registry/", "/build/", "/dist/", "/platform/", "/tests/",
+    # secrets: applied even when Ray is told to ignore .gitignore (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1)
+    "keys/", "*.key", "*.pem", ".env", ".env.*", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*", "id_ed25519*",
 ]
+# A PEM private key (PKCS#1, PKCS#8, EC, OpenSSH, encrypted): refused wherever it sits in an upload.
+PRIVATE_KEY_MARKER = re.compile(rb"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----")
 PACKAGE = Path("platform") / "visionray"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 # How long the client waits for the head's dashboard to answer (s).
@@ -152,6 +156,23 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def private_key_files(project: Path, upload: "Upload") -> list[str]:
+    """The files of ``upload`` (paths relative to ``project``) that contain a PEM private key."""
+    found = []
+    for rel in sorted(upload.files):
+        tail = b""
+        try:
+            with (project / rel).open("rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    if PRIVATE_KEY_MARKER.search(tail + chunk):
+                        found.append(rel)
+                        break
+                    tail = chunk[-64:]
+        except OSError:
+            continue  # vanished or unreadable: Ray's packager reports it
+    return found
+
+
 def preflight_upload(project: Path, excludes: list[str] = EXCLUDES) -> Upload:
     """Refuse an upload Ray would reject (over its size limit), naming the largest paths."""
     upload = measure_upload(project, excludes)
@@ -240,6 +261,11 @@ def prepare(
         raise JobsError(f"{spec_file}: the spec must be inside the project shipped to the cluster ({project}); "
                         "copy it under jobs/, tune/ or serve/")
     upload = preflight_upload(project)
+    leaked = private_key_files(project, upload)
+    if leaked:
+        raise JobsError([f"{p}: holds a PEM private key and would be uploaded to the cluster" for p in leaked]
+                        + ["move it out of the project, or exclude it in .rayignore; signing keys belong on the "
+                           "machine that registers, verification needs only the .pub"], "refusing to upload secrets")
     if str(rel) not in upload.files:
         raise JobsError(f"{rel}: excluded from the upload ({', '.join(EXCLUDES)}, .gitignore, .rayignore); "
                         "put the spec under jobs/, tune/ or serve/")
@@ -348,7 +374,30 @@ def api_server_url(address: str | None) -> str:
     return url if "://" in url else f"http://{url}"
 
 
-def auth_headers(url: str) -> dict[str, str]:
+def _loopback(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_token_transport(url: str, insecure_token: bool = False) -> None:
+    """``JobsError`` unless the token may go to ``url``: https, loopback, or the explicit flag."""
+    if url.startswith("http://") and not _loopback(url) and not insecure_token:
+        raise JobsError([f"{url} asks for Ray's authentication token over plain http: it would cross the network "
+                         "unencrypted, readable by anyone on the path",
+                         "reach the head over https (a TLS proxy in front of the dashboard) or an SSH tunnel to "
+                         "127.0.0.1:8265, or pass --insecure-token when this network is trusted"],
+                        "refusing to send the token")
+
+
+def auth_headers(url: str, insecure_token: bool = False) -> dict[str, str]:
     """The ``Authorization`` header when the head enforces Ray's token authentication.
 
     The head says its mode on ``/api/authentication_mode`` (open to all). The token comes from
@@ -367,6 +416,7 @@ def auth_headers(url: str) -> dict[str, str]:
     mode = response.json().get("authentication_mode") if response.status_code == 200 else None
     if mode != "token":
         return {}
+    check_token_transport(url, insecure_token)
     loader = AuthenticationTokenLoader.instance()
     if not loader.has_token(ignore_auth_mode=True):
         raise JobsError([f"{url} requires Ray's authentication token and none was found here",
@@ -375,12 +425,13 @@ def auth_headers(url: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {loader.get_raw_token(ignore_auth_mode=True)}"}
 
 
-def connect(address: str | None = None):
-    """A ``JobSubmissionClient`` for the cluster at ``address`` (see ``api_server_url``)."""
+def connect(address: str | None = None, insecure_token: bool = False):
+    """A ``JobSubmissionClient`` for the cluster at ``address`` (see ``api_server_url``). The token
+    goes only to that address, and over plain http only to loopback unless ``insecure_token``."""
     from ray.job_submission import JobSubmissionClient
 
     url = api_server_url(address)
-    headers = auth_headers(url)
+    headers = auth_headers(url, insecure_token)
     with _explicit_address(address):
         try:
             return JobSubmissionClient(url, headers=headers)
