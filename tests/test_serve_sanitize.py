@@ -7,6 +7,7 @@ import asyncio
 import gzip
 import io
 import struct
+import time
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -192,13 +193,15 @@ def make_app(checkpoint: Path, **spec_fields):
     return app, counts
 
 
-async def _post(app, body: bytes, headers: dict[str, str], path: str = "/v1/classify") -> httpx.Response:
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.0.0.1", 1234)), base_url="http://vr") as c:
-        return await c.post(path, content=body, headers=headers)
+async def _post(app, body: bytes, headers: dict[str, str], path: str = "/v1/classify", client: str = "10.0.0.1",
+                root_path: str = "", method: str = "POST") -> httpx.Response:
+    transport = httpx.ASGITransport(app=app, client=(client, 1234), root_path=root_path)
+    async with httpx.AsyncClient(transport=transport, base_url="http://vr") as c:
+        return await c.request(method, path, content=body, headers=headers)
 
 
-def post(app, body: bytes, headers: dict[str, str], path: str = "/v1/classify") -> httpx.Response:
-    return asyncio.run(_post(app, body, headers, path))
+def post(app, body: bytes, headers: dict[str, str], path: str = "/v1/classify", **kw) -> httpx.Response:
+    return asyncio.run(_post(app, body, headers, path, **kw))
 
 
 def assert_error(r: httpx.Response, status: int, code: str | None) -> None:
@@ -331,7 +334,33 @@ def test_rate_limit_per_client(rgb_checkpoint):
     r = post(app, PNG, png)
     assert_error(r, 429, "rate_limited")
     assert int(r.headers["retry-after"]) >= 1
-    assert post(app, PNG, {**png, "x-api-key": "another-client"}).status_code == 200  # its own bucket
+    # auth is off: a made-up key is no bucket of its own (the bypass); another address is
+    assert_error(post(app, PNG, {**png, "x-api-key": "made-up"}), 429, "rate_limited")
+    assert_error(post(app, PNG, {**png, "authorization": "Bearer other"}), 429, "rate_limited")
+    assert post(app, PNG, png, client="10.0.0.2").status_code == 200
+
+
+def test_failed_keys_are_throttled_by_address_even_when_the_next_guess_is_right(rgb_checkpoint, monkeypatch):
+    monkeypatch.setenv("VR_TEST_KEYS", "right")
+    app, _ = make_app(rgb_checkpoint, auth={"api_keys_env": "VR_TEST_KEYS"},
+                      rate_limit={"failed_auth_per_s": 0.01, "failed_auth_burst": 3})
+    png = {"content-type": "image/png"}
+    assert [post(app, PNG, {**png, "x-api-key": f"guess{i}"}).status_code for i in range(3)] == [401] * 3
+    r = post(app, PNG, {**png, "x-api-key": "right"})
+    assert_error(r, 429, "auth_throttled")
+    assert int(r.headers["retry-after"]) >= 1
+    assert post(app, PNG, {**png, "x-api-key": "right"}, client="10.0.0.9").status_code == 200  # other addresses pass
+
+
+@pytest.mark.parametrize("root_path", ["", "/vr", "/a/b"])
+def test_probes_and_docs_need_no_key_under_any_route_prefix(rgb_checkpoint, monkeypatch, root_path):
+    monkeypatch.setenv("VR_TEST_KEYS", "right")
+    app, _ = make_app(rgb_checkpoint, auth={"api_keys_env": "VR_TEST_KEYS"})
+    for path in ("/healthz", "/readyz", "/openapi.json", "/docs"):
+        r = post(app, b"", {}, f"{root_path}{path}", root_path=root_path, method="GET")
+        assert r.status_code == 200, (path, r.text)
+    assert_error(post(app, PNG, {"content-type": "image/png"}, f"{root_path}/v1/classify", root_path=root_path), 401, "unauthorized")
+    assert_error(post(app, b"", {}, f"{root_path}/healthzx", root_path=root_path, method="GET"), 401, "unauthorized")
 
 
 def test_rate_limiter_refills_and_forgets():
@@ -366,6 +395,52 @@ def test_body_cap_is_enforced_while_streaming(rgb_checkpoint):
 
     assert_error(asyncio.run(go()), 413, "body_too_large")
     assert len(pulled) < 1000
+
+
+async def _trickle(c: httpx.AsyncClient, gap_s: float, chunks: int = 100, path: str = "/v1/classify") -> httpx.Response:
+    async def body():
+        for _ in range(chunks):
+            yield b"\x00"
+            await asyncio.sleep(gap_s)
+
+    return await c.post(path, content=body(), headers={"content-type": "image/png"})
+
+
+def test_a_body_slower_than_the_minimum_rate_is_cut_after_the_grace_period(rgb_checkpoint):
+    app, _ = make_app(rgb_checkpoint, sanitizer={"body_grace_s": 0.3, "min_body_bytes_per_s": 1024})
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://vr", timeout=30) as c:
+            t0 = time.perf_counter()
+            r = await _trickle(c, 0.05)
+            return r, time.perf_counter() - t0
+
+    r, elapsed = asyncio.run(go())
+    assert_error(r, 408, "body_too_slow")
+    assert elapsed < 2.0  # not the 10 s body timeout
+
+
+def test_slow_uploads_beyond_the_caps_get_a_short_leash_and_valid_requests_pass(rgb_checkpoint):
+    app, _ = make_app(rgb_checkpoint, sanitizer={"max_unfinished_bodies": 3, "max_unfinished_bodies_per_client": 2,
+                                                 "crowded_body_s": 0.2, "body_grace_s": 5, "min_body_bytes_per_s": 1})
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.7", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://vr", timeout=30) as c:
+            holders = [asyncio.create_task(_trickle(c, 0.1, chunks=15)) for _ in range(2)]  # within the per-client cap
+            await asyncio.sleep(0.3)
+            crowded = await _trickle(c, 0.1, chunks=15)  # a third from the same address
+            t0 = time.perf_counter()
+            valid = await c.post("/v1/classify", content=PNG, headers={"content-type": "image/png"})
+            valid_s = time.perf_counter() - t0
+            done = await asyncio.gather(*holders)
+            return crowded, valid, valid_s, done
+
+    crowded, valid, valid_s, done = asyncio.run(go())
+    assert_error(crowded, 503, "uploads_busy")
+    assert crowded.headers["retry-after"] == "1"
+    assert valid.status_code == 200 and valid_s < 1.0
+    assert [r.json()["code"] for r in done] == ["content_mismatch"] * 2  # the two within the caps were read whole
 
 
 def test_lying_content_length_above_cap_is_refused_before_reading(rgb_checkpoint):

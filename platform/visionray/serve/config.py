@@ -26,6 +26,11 @@ class SanitizerSpec(Strict):
 
     max_body_bytes: int = Field(8 * 2**20, ge=1024, le=2**30, description="request body cap while it streams in (bytes)")
     body_timeout_s: float = Field(10.0, gt=0.0, le=600.0, description="time allowed to receive the whole body (s); 408 after")
+    body_grace_s: float = Field(1.0, gt=0.0, le=600.0, description="a body may start slowly this long (s); then min_body_bytes_per_s holds")
+    min_body_bytes_per_s: int = Field(16384, ge=1, le=2**30, description="average upload rate a body must keep after body_grace_s (bytes/s); 408 below")
+    max_unfinished_bodies: int = Field(16, ge=1, le=100_000, description="bodies still arriving at once per replica before newcomers get crowded_body_s")
+    max_unfinished_bodies_per_client: int = Field(4, ge=1, le=100_000, description="the same per client address")
+    crowded_body_s: float = Field(0.1, gt=0.0, le=60.0, description="time a request has for its whole body when it starts while those caps are reached (s); 503 after")
     max_images: int = Field(16, ge=1, le=256, description="images per multipart request")
     allowed_types: list[Literal["image/png", "image/jpeg", "image/webp"]] = Field(
         default_factory=lambda: list(IMAGE_TYPES), min_length=1, description="accepted image content types"
@@ -74,11 +79,14 @@ class AuthSpec(Strict):
 
 
 class RateLimitSpec(Strict):
-    """A token bucket per client (its API key, else its address), per ingress replica."""
+    """A token bucket per client (its valid API key when auth is on, else its address), per ingress
+    replica; failed keys are throttled per address."""
 
     requests_per_s: float | None = Field(None, gt=0.0, le=1e6, description="sustained rate per client (req/s); null: off")
     burst: int = Field(20, ge=1, le=100_000, description="requests a client may send at once above the rate")
     max_clients: int = Field(10_000, ge=1, le=10_000_000, description="clients tracked (least recently seen dropped)")
+    failed_auth_per_s: float = Field(0.5, gt=0.0, le=1e6, description="failed API keys allowed per client address (per s); 429 beyond, on even when requests_per_s is off")
+    failed_auth_burst: int = Field(10, ge=1, le=100_000, description="failed API keys an address may send at once")
 
 
 class BatchSpec(Strict):

@@ -16,6 +16,7 @@ Nothing here fetches URLs: an image only ever arrives as the request body.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import logging
 import os
@@ -113,6 +114,15 @@ class RateLimiter:
         self.clock = clock
         self.buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # client -> (tokens, last time)
 
+    def peek(self, client: str) -> float:
+        """The seconds until ``client`` could pass, without taking a token (0: now)."""
+        rate = self.spec.requests_per_s
+        if rate is None or client not in self.buckets:
+            return 0.0
+        tokens, last = self.buckets[client]
+        tokens = min(float(self.spec.burst), tokens + (self.clock() - last) * rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / rate
+
     def acquire(self, client: str) -> float:
         """0 when the request may pass, else the seconds until it could."""
         rate = self.spec.requests_per_s
@@ -162,7 +172,10 @@ class SanitizerMiddleware:
         self.spec = spec
         self.keys = keys
         self.limiter = RateLimiter(rate)
+        self.failed_auth = RateLimiter(RateLimitSpec(requests_per_s=rate.failed_auth_per_s, burst=rate.failed_auth_burst,
+                                                     max_clients=rate.max_clients))
         self.on_reject = on_reject
+        self.unfinished: dict[str, int] = {}  # client address -> bodies still arriving (this replica's event loop)
 
     async def __call__(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable) -> None:
         if scope["type"] != "http":
@@ -178,7 +191,7 @@ class SanitizerMiddleware:
 
         try:
             await self._admit(scope)
-            body = await self._read_body(scope, receive)
+            body = await self._read_body(receive, _address(scope))
         except Rejection as rej:
             self.on_reject(rej.code)
             await self._reject(send_with_id, rej, request_id)
@@ -205,13 +218,6 @@ class SanitizerMiddleware:
         await send({"type": "http.response.start", "status": rej.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    def _client(self, scope: dict, headers: dict[bytes, bytes]) -> str:
-        key = self._presented_key(headers)
-        if key:
-            return "key:" + key.decode(errors="replace")
-        client = scope.get("client")
-        return f"addr:{client[0]}" if client else "addr:unknown"
-
     @staticmethod
     def _presented_key(headers: dict[bytes, bytes]) -> bytes | None:
         auth = headers.get(b"authorization", b"")
@@ -226,17 +232,28 @@ class SanitizerMiddleware:
             if k in headers and k in (b"content-length", b"content-type", b"authorization", b"x-api-key"):
                 raise Rejection(400, "duplicate_header", f"header {k.decode()} is sent twice")
             headers[k] = v
-        open_path = scope.get("path", "") in OPEN_PATHS
-        if self.keys and not open_path:
+        if app_path(scope) in OPEN_PATHS:
+            return self._check_encoding_and_length(headers)
+        address = "addr:" + _address(scope)
+        client = address  # with auth off every made-up key would be a bucket of its own: the address decides
+        if self.keys:
+            wait = self.failed_auth.peek(address)
+            if wait > 0:  # guessing keys: no key from this address is even checked until it waits
+                raise Rejection(429, "auth_throttled", f"too many failed API keys from this address; retry in {wait:.2f} s",
+                                {"Retry-After": str(max(1, int(wait + 0.999)))})
             key = self._presented_key(headers)
             if key is None or not any(hmac.compare_digest(key, k) for k in self.keys):
+                self.failed_auth.acquire(address)
                 raise Rejection(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
                                 {"WWW-Authenticate": "Bearer"})
-        if not open_path:
-            wait = self.limiter.acquire(self._client(scope, headers))
-            if wait > 0:
-                raise Rejection(429, "rate_limited", f"too many requests; retry in {wait:.2f} s",
-                                {"Retry-After": str(max(1, int(wait + 0.999)))})
+            client = "key:" + hashlib.sha256(key).hexdigest()[:16]
+        wait = self.limiter.acquire(client)
+        if wait > 0:
+            raise Rejection(429, "rate_limited", f"too many requests; retry in {wait:.2f} s",
+                            {"Retry-After": str(max(1, int(wait + 0.999)))})
+        self._check_encoding_and_length(headers)
+
+    def _check_encoding_and_length(self, headers: dict[bytes, bytes]) -> None:
         encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
         if encoding not in ("", "identity"):
             raise Rejection(415, "encoded_body", f"Content-Encoding {encoding} is refused; send the image bytes as they are")
@@ -244,30 +261,75 @@ class SanitizerMiddleware:
         if length is not None:
             text = length.decode("latin-1").strip()
             if not text.isdigit():
-                raise Rejection(400, "bad_content_length", f"Content-Length {text!r} is not a byte count")
+                raise Rejection(400, "bad_content_length", f"Content-Length {text[:64]!r} is not a byte count")
             if int(text) > self.spec.max_body_bytes:
                 raise Rejection(413, "body_too_large", f"body of {int(text)} bytes is above the {self.spec.max_body_bytes}-byte limit")
 
-    async def _read_body(self, scope: dict, receive: Callable[[], Awaitable[dict]]) -> bytes | None:
+    async def _read_body(self, receive: Callable[[], Awaitable[dict]], address: str) -> bytes | None:
         """The whole body, counted while it streams: 413 the moment the cap is crossed (the rest
-        is never read), 408 when it takes longer than the budget."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.spec.body_timeout_s
+        is never read); 408 when it takes longer than ``body_timeout_s`` or, after
+        ``body_grace_s``, averages less than ``min_body_bytes_per_s``. A request that starts while
+        ``max_unfinished_bodies`` bodies are still arriving (or ``max_unfinished_bodies_per_client``
+        from its address) gets 503 unless its whole body arrives at once, within ``crowded_body_s``:
+        a valid body is with the server at once, so slow clients hold at most those caps of the
+        replica's slots, and only for as long as they keep the minimum rate."""
+        spec, loop = self.spec, asyncio.get_running_loop()
+        start = loop.time()
+        timeout_at, crowded_at = start + spec.body_timeout_s, float("inf")
+        mine = self.unfinished.get(address, 0)
+        if sum(self.unfinished.values()) >= spec.max_unfinished_bodies or mine >= spec.max_unfinished_bodies_per_client:
+            crowded_at = start + spec.crowded_body_s  # others' uploads fill the caps: this one must be quick
+        self.unfinished[address] = mine + 1
         chunks, total = [], 0
-        while True:
-            remaining = deadline - loop.time()
-            try:
-                if remaining <= 0:
-                    raise asyncio.TimeoutError
-                message = await asyncio.wait_for(receive(), remaining)
-            except asyncio.TimeoutError:
-                raise Rejection(408, "body_timeout", f"the body did not arrive within {self.spec.body_timeout_s} s") from None
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            total += len(chunk)
-            if total > self.spec.max_body_bytes:
-                raise Rejection(413, "body_too_large", f"body is above the {self.spec.max_body_bytes}-byte limit")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            while True:
+                slow_at = start + max(spec.body_grace_s, total / spec.min_body_bytes_per_s)
+                deadline = min(timeout_at, slow_at, crowded_at)
+                try:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    message = await asyncio.wait_for(receive(), remaining)
+                except asyncio.TimeoutError:
+                    raise self._too_slow(deadline, timeout_at, crowded_at) from None
+                if message["type"] == "http.disconnect":
+                    return None
+                chunk = message.get("body", b"")
+                total += len(chunk)
+                if total > spec.max_body_bytes:
+                    raise Rejection(413, "body_too_large", f"body is above the {spec.max_body_bytes}-byte limit")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks)
+                if crowded_at < timeout_at:  # crowded and not whole at once: not worth a slot
+                    raise self._too_slow(crowded_at, timeout_at, crowded_at)
+        finally:
+            left = self.unfinished[address] - 1
+            if left:
+                self.unfinished[address] = left
+            else:
+                del self.unfinished[address]
+
+    def _too_slow(self, deadline: float, timeout_at: float, crowded_at: float) -> Rejection:
+        spec = self.spec
+        if deadline == crowded_at:
+            return Rejection(503, "uploads_busy", f"{spec.max_unfinished_bodies} uploads are arriving already (or "
+                             f"{spec.max_unfinished_bodies_per_client} from this address) and this body did not arrive "
+                             f"within {spec.crowded_body_s} s; retry", {"Retry-After": "1"})
+        if deadline == timeout_at:
+            return Rejection(408, "body_timeout", f"the body did not arrive within {spec.body_timeout_s} s")
+        return Rejection(408, "body_too_slow", f"the body arrived slower than {spec.min_body_bytes_per_s} bytes/s "
+                         f"(after the first {spec.body_grace_s} s)")
+
+
+def _address(scope: dict) -> str:
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def app_path(scope: dict) -> str:
+    """The request's path inside the app: without the ``root_path`` Serve's ``route_prefix`` sets."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and root != "/" and (path == root or path.startswith(root.rstrip("/") + "/")):
+        path = path[len(root.rstrip("/")):] or "/"
+    return path
