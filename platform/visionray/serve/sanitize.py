@@ -270,8 +270,8 @@ class SanitizerMiddleware:
         is never read); 408 when it takes longer than ``body_timeout_s`` or, after
         ``body_grace_s``, averages less than ``min_body_bytes_per_s``. A request that starts while
         ``max_unfinished_bodies`` bodies are still arriving (or ``max_unfinished_bodies_per_client``
-        from its address) gets 503 unless its whole body arrives at once, within ``crowded_body_s``:
-        a valid body is with the server at once, so slow clients hold at most those caps of the
+        from its address) gets 503 unless its whole body arrives within ``crowded_body_s``: a
+        valid body is with the server at once, so slow clients hold at most those caps of the
         replica's slots, and only for as long as they keep the minimum rate."""
         spec, loop = self.spec, asyncio.get_running_loop()
         start = loop.time()
@@ -301,8 +301,6 @@ class SanitizerMiddleware:
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks)
-                if crowded_at < timeout_at:  # crowded and not whole at once: not worth a slot
-                    raise self._too_slow(crowded_at, timeout_at, crowded_at)
         finally:
             left = self.unfinished[address] - 1
             if left:
