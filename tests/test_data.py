@@ -6,6 +6,8 @@ import io
 import tarfile
 from pathlib import Path
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -120,6 +122,22 @@ def test_imagefolder_directory_and_tar(tmp_path, monkeypatch):
     from_tar = vdata.load_splits(spec.model_copy(update={"path": str(archive)}))
     assert torch.equal(from_tar.train.images, from_dir.train.images)
     assert torch.equal(from_tar.val.labels, from_dir.val.labels)
+
+
+def test_the_decoded_image_cache_sees_an_edited_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(vdata.defaults, "CACHE_DIR", tmp_path / "cache")
+    (tmp_path / "a").mkdir()
+    files = [tmp_path / "a" / f"{i}.bmp" for i in range(2)]  # uncompressed: an edit keeps the byte size
+    for i, f in enumerate(files):
+        Image.new("RGB", (8, 8), (10 * i, 20, 30)).save(f)
+    first = vdata.decode_files(files, np.zeros(2, dtype=np.int64), 3, 8).images
+    size = files[0].stat().st_size
+    time.sleep(0.01)
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(files[0])  # same path, same size, new pixels
+    assert files[0].stat().st_size == size
+    again = vdata.decode_files(files, np.zeros(2, dtype=np.int64), 3, 8).images
+    assert not torch.equal(first[0], again[0]) and int(again[0].min()) == 255
+    assert torch.equal(first[1], again[1])
 
 
 def test_limit_keeps_a_seeded_sample_of_every_class_not_the_head_of_the_list(tmp_path):

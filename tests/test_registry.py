@@ -640,3 +640,26 @@ def test_promote_needs_the_signing_key(reg, keys):
 def test_names_and_aliases_with_a_trailing_newline_are_refused(attempt):
     with pytest.raises(RegistryError):
         attempt()
+
+
+def test_serving_unsigned_needs_the_config_flag_and_the_environment(reg, keys, ckpts, monkeypatch, caplog):
+    from visionray.serve.config import load_serve_spec
+    from visionray.serve.model import UnsignedRefused, resolve_source
+
+    unsigned = load_serve_spec({"checkpoint": str(ckpts[0][0]), "allow_unsigned": True})
+    with pytest.raises(UnsignedRefused, match="together with VISIONRAY_ALLOW_UNSIGNED=1"):
+        resolve_source(unsigned)  # the config alone
+    (Path(reg.uri) / "digits" / "aliases" / "production").write_text("1\n")  # an unsigned alias
+    signed_only = load_serve_spec({"model": "digits@production", "registry": reg.root, "public_keys": [str(keys["a"][1])]})
+    monkeypatch.setenv(vreg.ENV_ALLOW_UNSIGNED, "1")
+    with pytest.raises(VerificationError, match="is not signed"):
+        resolve_source(signed_only)  # the environment alone
+    assert resolve_source(unsigned).allow_unsigned is True  # both
+
+
+def test_the_unsigned_warning_names_who_turned_verification_off(reg, keys, caplog):
+    _flip_weight_byte(Path(reg.resolve("digits@2").uri), reg)
+    with caplog.at_level("WARNING", logger="visionray.registry"):
+        reg.load("digits@2", [keys["a"][1]], allow_unsigned=True)
+    [warning] = [r.message for r in caplog.records if "DESPITE" in r.message]
+    assert "allow_unsigned=True from the caller" in warning and "in the environment" not in warning

@@ -313,8 +313,12 @@ def decode_file(path: Path, channels: int, size: int) -> torch.Tensor:
 
 
 def decode_files(files: list[Path], labels: np.ndarray, channels: int, size: int) -> ImageArrays:
-    """Decode image files into memory, cached as .npy (never pickled) per file list and size."""
-    digest = hashlib.sha256("\n".join(str(f.resolve()) for f in files).encode())
+    """Decode image files into memory, cached as .npy (never pickled) per file list, each file's
+    size and modification time (an edited file is decoded again), channels and size."""
+    digest = hashlib.sha256()
+    for f in files:
+        st = f.stat()
+        digest.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     digest.update(f"|{channels}|{size}".encode())
     cache = defaults.CACHE_DIR / "decoded" / f"{digest.hexdigest()[:24]}.npy"
     if cache.exists():
