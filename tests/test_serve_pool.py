@@ -30,7 +30,7 @@ def heavy() -> bytes:
 
 def decode(pool: DecodePool, data: bytes, declared: str | None = None, size: int = 16) -> np.ndarray:
     declared = declared or ("image/jpeg" if data[:2] == b"\xff\xd8" else "image/png")
-    return asyncio.run(pool.decode(data, declared, 3, size, inspect(data, declared, pool.spec).cost))
+    return asyncio.run(pool.decode(data, declared, 3, size, inspect(data, declared, pool.spec)))
 
 
 def stop_all(pool: DecodePool) -> list[int]:

@@ -203,7 +203,7 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
                             f"limit per request is {spec.sanitizer.max_request_pixels} (sanitizer.max_request_pixels)")
         model_input = (await info())["input"]
         channels, size = model_input["channels"], model_input["image_size"]
-        images = await asyncio.gather(*(decoder.decode(data, d, channels, size, h.cost)
+        images = await asyncio.gather(*(decoder.decode(data, d, channels, size, h)
                                         for (_, _, data), d, h in zip(parts, declared, headers)))
         labels = await asyncio.gather(*(backend.classify(im, top_k) for im in images))
         on_images(len(images))

@@ -16,7 +16,8 @@ untouched.
 ``python -m visionray.serve.decode SPEC_JSON`` is a decoder process (``visionray.serve.pool``
 starts them): it confines itself (``visionray.serve.sandbox``), says it is ready, then answers
 jobs on a private pipe pair, framed as 4-byte big-endian lengths: a job is a JSON header
-``{"type", "channels", "size"}`` and the image bytes; an answer is a JSON header (``{"ok": true,
+``{"type", "channels", "size", "components"}`` (the replica walked the container already) and the
+image bytes; an answer is a JSON header (``{"ok": true,
 "shape": [c, h, w], "cpu_s"}`` then the raw pixels, or ``{"ok": false, "status", "code",
 "message"}``). Nothing is pickled in either direction.
 """
@@ -102,13 +103,17 @@ def reduce_for_model(im: Image.Image, size: int) -> Image.Image:
     return im.reduce((fx, fy)) if fx > 1 or fy > 1 else im
 
 
-def decode_image(data: bytes, declared: str, channels: int, spec: SanitizerSpec, size: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, declared: str, channels: int, spec: SanitizerSpec, size: int | None = None,
+                 components: int | None = None) -> np.ndarray:
     """Checked bytes (see ``sanitize.check_type``) to a uint8 (C, H, W) array in the model's mode,
-    reduced for a model input of ``size`` px when given."""
-    header = inspect(data, declared, spec)
+    reduced for a model input of ``size`` px when given. ``components``: the JPEG component count
+    from a structural walk already made of these bytes (the pool's replica makes it); without it
+    the walk runs here."""
+    header = inspect(data, declared, spec) if components is None else None
+    components = header.components if header is not None else components
     try:
-        if declared == "image/jpeg" and header.components in (1, 3):
-            im = _jpeg_turbo(data, header.components, size)
+        if declared == "image/jpeg" and components in (1, 3):
+            im = _jpeg_turbo(data, components, size)
         else:
             im = _pillow(data, declared, size)
         im = to_model_mode(im, channels)
@@ -166,7 +171,7 @@ def _serve(spec: SanitizerSpec, rfd: int, wfd: int) -> None:
             return
         job = json.loads(head)
         try:
-            array = decode_image(data, job["type"], int(job["channels"]), spec, job.get("size"))
+            array = decode_image(data, job["type"], int(job["channels"]), spec, job.get("size"), int(job["components"]))
         except Rejection as rej:
             write_frame(wfd, json.dumps({"ok": False, "status": rej.status, "code": rej.code, "message": rej.message}).encode())
             continue

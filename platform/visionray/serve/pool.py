@@ -1,6 +1,6 @@
 """A bounded pool of sandboxed decoder processes: the only place untrusted image bytes are decoded.
 
-``DecodePool(spec).decode(data, declared, channels, size, cost)`` (async) hands the bytes to one of
+``DecodePool(spec).decode(data, declared, channels, size, header)`` (async) hands the bytes to one of
 ``decode_workers`` processes (``python -m visionray.serve.decode``, each confined by
 ``visionray.serve.sandbox``) and returns the pixels, already reduced for the model's input size, so
 the replica never holds full-resolution hostile pixels. The IPC is raw frames (lengths, JSON
@@ -42,6 +42,7 @@ import numpy as np
 from visionray.serve.config import SanitizerSpec
 from visionray.serve.decode import MAX_HEADER_BYTES, MESSAGE_CHARS
 from visionray.serve.errors import Rejection
+from visionray.serve.structure import Header
 
 logger = logging.getLogger(__name__)
 
@@ -245,7 +246,8 @@ class DecodePool:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
     # -- decoding
-    async def decode(self, data: bytes, declared: str, channels: int, size: int | None, cost: int) -> np.ndarray:
+    async def decode(self, data: bytes, declared: str, channels: int, size: int | None, header: Header) -> np.ndarray:
+        """The pixels of checked bytes whose ``structure.inspect`` header is ``header``."""
         with self._cond:
             if self._inflight >= self.spec.decode_workers + self.spec.decode_queue:
                 raise Rejection(503, "decoders_busy", f"all {self.spec.decode_workers} image decoders are busy and "
@@ -253,21 +255,21 @@ class DecodePool:
             self._inflight += 1
         try:
             loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self._threads, self.decode_blocking, data, declared, channels, size, cost)
+            return await loop.run_in_executor(self._threads, self.decode_blocking, data, declared, channels, size, header)
         finally:
             with self._cond:
                 self._inflight -= 1
 
-    def decode_blocking(self, data: bytes, declared: str, channels: int, size: int | None, cost: int) -> np.ndarray:
+    def decode_blocking(self, data: bytes, declared: str, channels: int, size: int | None, header: Header) -> np.ndarray:
         if not self._started:
             self.start()
         self._heal()
-        proc = self._checkout(cost, time.monotonic() + self.spec.decode_queue_timeout_s)
+        proc = self._checkout(header.cost, time.monotonic() + self.spec.decode_queue_timeout_s)
         if proc.proc.poll() is not None:  # died while idle (killed from outside): this image gets a new one
             proc = self._replace(proc)
             if proc is None:
                 raise Rejection(503, "decoder_lost", "no image decoder could be started; retry", self.retry_after)
-        job = {"type": declared, "channels": channels, "size": size}
+        job = {"type": declared, "channels": channels, "size": size, "components": header.components}
         max_side = 4 * size if size else max(self.spec.max_width, self.spec.max_height)
         replace = True
         try:

@@ -48,12 +48,16 @@ def _set_limit(which: int, value: int) -> None:
     resource.setrlimit(which, (value, value))
 
 
-def _seccomp() -> None:
+def _load_seccomp():
     try:
-        import pyseccomp as seccomp
+        import pyseccomp
     except (ImportError, OSError) as exc:  # pyseccomp loads libseccomp.so.2 with ctypes at import
         raise SandboxError(f"sanitizer.decode_seccomp is on but libseccomp is not loadable ({exc}); install "
                            "libseccomp2 (Debian/Ubuntu) or set decode_seccomp: false to rely on rlimits only") from None
+    return pyseccomp
+
+
+def _seccomp(seccomp) -> None:
     flt = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
     for name in _DENIED:
         try:
@@ -71,13 +75,14 @@ def _seccomp() -> None:
 
 def confine(spec: SanitizerSpec) -> dict[str, object]:
     """Apply the limits to this process (see the module doc); raises ``SandboxError``."""
+    seccomp = _load_seccomp() if spec.decode_seccomp else None  # mapped before the address-space limit
     open_fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 16
     _set_limit(resource.RLIMIT_AS, spec.decode_memory_mb * 2**20)
     _set_limit(resource.RLIMIT_CPU, spec.decode_cpu_s)
     _set_limit(resource.RLIMIT_FSIZE, 0)
     _set_limit(resource.RLIMIT_CORE, 0)
     _set_limit(resource.RLIMIT_NOFILE, open_fds + EXTRA_FILES)
-    if spec.decode_seccomp:
-        _seccomp()
+    if seccomp is not None:
+        _seccomp(seccomp)
     return {"memory_mb": spec.decode_memory_mb, "cpu_s": spec.decode_cpu_s, "nofile": open_fds + EXTRA_FILES,
             "seccomp": spec.decode_seccomp}

@@ -18,7 +18,6 @@ A JPEG cut short but ended with EOI passes this walk; the decoder refuses it (li
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 from visionray.serve.config import SanitizerSpec
@@ -26,7 +25,6 @@ from visionray.serve.errors import Rejection
 
 _SOF_SUPPORTED = {0xC0: False, 0xC1: False, 0xC2: True}  # marker -> progressive
 _SOF_ALL = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-_NEXT_MARKER = re.compile(rb"\xff+[^\x00\xd0-\xd7\xff]")  # after entropy-coded data: stuffing and RSTn skipped
 _MAX_JPEG_SEGMENTS = 4096  # non-scan segments (APPn, DQT, DHT, COM, ...) in one file
 
 
@@ -56,6 +54,30 @@ def _corrupt(message: str) -> Rejection:
 
 def _truncated(message: str) -> Rejection:
     return Rejection(422, "truncated_image", message)
+
+
+def _next_marker(data: bytes, pos: int) -> int:
+    """The position of the marker that ends the entropy-coded data starting at ``pos``: the first
+    0xFF (fill bytes included) not followed by 0x00 (stuffing) or an RSTn."""
+    n = len(data)
+    while True:
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 1 >= n:
+            raise _truncated("JPEG truncated inside its image data (no EOI)")
+        nxt = data[pos + 1]
+        if nxt == 0x00 or 0xD0 <= nxt <= 0xD7:
+            pos += 2
+            continue
+        if nxt == 0xFF:
+            end = pos + 1
+            while end < n and data[end] == 0xFF:
+                end += 1
+            if end >= n:
+                raise _truncated("JPEG truncated inside its image data (no EOI)")
+            if data[end] == 0x00 or 0xD0 <= data[end] <= 0xD7:
+                pos = end + 1
+                continue
+        return pos
 
 
 def jpeg_header(data: bytes, spec: SanitizerSpec) -> Header:
@@ -111,10 +133,7 @@ def jpeg_header(data: bytes, spec: SanitizerSpec) -> Header:
             if scans > spec.max_jpeg_scans:
                 raise Rejection(413, "too_many_scans", f"JPEG has more than {spec.max_jpeg_scans} scans "
                                 f"(sanitizer.max_jpeg_scans); re-encode it")
-            found = _NEXT_MARKER.search(data, end)
-            if found is None:
-                raise _truncated("JPEG truncated inside its image data (no EOI)")
-            pos = found.start()
+            pos = _next_marker(data, end)
             continue
         elif marker == 0xDC:
             raise _corrupt("JPEG declares its height later (DNL): not accepted")
