@@ -111,9 +111,11 @@ def raw_forward(predictor, batch: int, size: int, duration_s: float) -> float:
 
 
 def direct_call(predictor, pngs: list[bytes], channels: int) -> dict[str, float]:
-    """Median ms of one in-process call: the sanitizer's decode plus ``Predictor.predict``."""
+    """Median ms of one in-process call: the sanitizer's decode (in this process: the baseline
+    without the decoder processes' pipe trips) plus ``Predictor.predict``."""
     from visionray.serve.config import SanitizerSpec
-    from visionray.serve.sanitize import check_type, configure_pillow, decode_image
+    from visionray.serve.decode import configure_pillow, decode_image
+    from visionray.serve.sanitize import check_type
 
     spec = SanitizerSpec()
     configure_pillow(spec)

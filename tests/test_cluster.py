@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import re
 import secrets
@@ -273,11 +274,10 @@ def test_the_token_goes_over_plain_http_only_to_loopback_or_with_the_flag(url, i
         assert "--insecure-token" in " ".join(e.value.lines)
 
 
-def test_a_loopback_head_asking_for_the_token_gets_it_and_only_in_the_header(monkeypatch):
+def test_a_loopback_head_asking_for_the_token_gets_it_and_only_in_the_header(tmp_path):
+    """In a fresh interpreter: Ray's token loader is one per process and keeps the first token it reads."""
     import threading
     from http.server import BaseHTTPRequestHandler, HTTPServer
-
-    from visionray import jobs
 
     seen: list[str | None] = []
 
@@ -294,14 +294,18 @@ def test_a_loopback_head_asking_for_the_token_gets_it_and_only_in_the_header(mon
         def log_message(self, *args):
             pass
 
-    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 32)
     server = HTTPServer((LOOPBACK, 0), Head)
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    script = ("import json, sys; from visionray import jobs; "
+              "print(json.dumps(jobs.auth_headers(sys.argv[1])))")
     try:
-        headers = jobs.auth_headers(f"http://{LOOPBACK}:{server.server_port}")
+        out = subprocess.run([sys.executable, "-c", script, f"http://{LOOPBACK}:{server.server_port}"],
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "RAY_AUTH_TOKEN": "t" * 32, "HOME": str(tmp_path)})
     finally:
         server.shutdown()
-    assert headers == {"Authorization": "Bearer " + "t" * 32}
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"Authorization": "Bearer " + "t" * 32}
     assert seen == [None]  # the mode probe never carries the token
 
 
