@@ -152,11 +152,16 @@ def read_exact(fd: int, n: int) -> bytes | None:
     return b"".join(parts)
 
 
-def write_frame(fd: int, payload: bytes | memoryview) -> None:
-    """One frame: its 4-byte big-endian length, then the bytes."""
-    for view in (memoryview(len(payload).to_bytes(4, "big")), memoryview(payload)):
-        while view:
-            view = view[os.write(fd, view):]
+def frames(*payloads: bytes | memoryview) -> bytes:
+    """Frames, each its 4-byte big-endian length then its bytes, as one buffer (one write, one
+    wake-up of the reader)."""
+    return b"".join(part for p in payloads for part in (len(p).to_bytes(4, "big"), bytes(p)))
+
+
+def write_frame(fd: int, *payloads: bytes | memoryview) -> None:
+    view = memoryview(frames(*payloads))
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _serve(spec: SanitizerSpec, rfd: int, wfd: int) -> None:
@@ -176,8 +181,8 @@ def _serve(spec: SanitizerSpec, rfd: int, wfd: int) -> None:
             write_frame(wfd, json.dumps({"ok": False, "status": rej.status, "code": rej.code, "message": rej.message}).encode())
             continue
         cpu = sum(os.times()[:2])
-        write_frame(wfd, json.dumps({"ok": True, "shape": list(array.shape), "cpu_s": cpu}).encode())
-        write_frame(wfd, memoryview(array).cast("B"))
+        write_frame(wfd, json.dumps({"ok": True, "shape": list(array.shape), "cpu_s": cpu}).encode(),
+                    memoryview(array).cast("B"))
 
 
 def main(argv: list[str]) -> int:

@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from visionray.serve.config import SanitizerSpec
-from visionray.serve.decode import MAX_HEADER_BYTES, MESSAGE_CHARS
+from visionray.serve.decode import MAX_HEADER_BYTES, MESSAGE_CHARS, frames
 from visionray.serve.errors import Rejection
 from visionray.serve.structure import Header
 
@@ -89,6 +89,7 @@ class DecoderProcess:
             stdout=subprocess.PIPE, env=_child_env(), close_fds=True, cwd="/",
         )
         self.pid = self.proc.pid
+        os.set_blocking(self.proc.stdin.fileno(), False)
         self.killed = False
         self.cpu_s = 0.0
         try:
@@ -122,22 +123,21 @@ class DecoderProcess:
         self._read_into(memoryview(body), deadline)
         return body
 
-    def _write(self, payload: bytes, deadline: float) -> None:
-        fd = self.proc.stdin.fileno()
-        for view in (memoryview(len(payload).to_bytes(4, "big")), memoryview(payload)):
-            while view:
-                _wait_fd(fd, deadline, write=True)
-                try:
-                    view = view[os.write(fd, view[:65536]):]
-                except (BrokenPipeError, OSError):
-                    raise _Died from None
+    def _write(self, buffer: bytes, deadline: float) -> None:
+        fd, view = self.proc.stdin.fileno(), memoryview(buffer)
+        while view:
+            try:
+                view = view[os.write(fd, view):]  # non-blocking: what the pipe takes now
+            except BlockingIOError:
+                _wait_fd(fd, deadline, write=True)  # a hung decoder times out here, it cannot block us
+            except OSError:  # BrokenPipeError included: the decoder is gone
+                raise _Died from None
 
     def run(self, job: dict, data: bytes, timeout_s: float, max_side: int) -> np.ndarray:
         """The decoded (C, H, W) pixels; ``Rejection`` for the image's own refusals; ``_Timeout``
         or ``_Died`` when the process must be replaced."""
         deadline = time.monotonic() + timeout_s
-        self._write(json.dumps(job).encode(), deadline)
-        self._write(data, deadline)
+        self._write(frames(json.dumps(job).encode(), data), deadline)
         try:
             head = json.loads(self._read_frame(deadline, MAX_HEADER_BYTES))
         except ValueError:
