@@ -30,7 +30,7 @@ class SanitizerSpec(Strict):
     min_body_bytes_per_s: int = Field(16384, ge=1, le=2**30, description="average upload rate a body must keep after body_grace_s (bytes/s); 408 below")
     max_unfinished_bodies: int = Field(16, ge=1, le=100_000, description="bodies still arriving at once per replica before newcomers get crowded_body_s")
     max_unfinished_bodies_per_client: int = Field(4, ge=1, le=100_000, description="the same per client address")
-    crowded_body_s: float = Field(0.1, gt=0.0, le=60.0, description="time a request has for its whole body when it starts while those caps are reached (s); 503 after")
+    crowded_body_s: float = Field(0.1, gt=0.0, le=60.0, description="when a request starts while those caps are reached, the time the rest of its body may take after its first part (s); 503 after")
     max_images: int = Field(16, ge=1, le=256, description="images per multipart request")
     allowed_types: list[Literal["image/png", "image/jpeg", "image/webp"]] = Field(
         default_factory=lambda: list(IMAGE_TYPES), min_length=1, description="accepted image content types"

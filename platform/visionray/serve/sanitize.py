@@ -270,15 +270,15 @@ class SanitizerMiddleware:
         is never read); 408 when it takes longer than ``body_timeout_s`` or, after
         ``body_grace_s``, averages less than ``min_body_bytes_per_s``. A request that starts while
         ``max_unfinished_bodies`` bodies are still arriving (or ``max_unfinished_bodies_per_client``
-        from its address) gets 503 unless its whole body arrives within ``crowded_body_s``: a
-        valid body is with the server at once, so slow clients hold at most those caps of the
-        replica's slots, and only for as long as they keep the minimum rate."""
+        from its address) gets 503 unless the rest of its body follows its first part within
+        ``crowded_body_s``: a valid body is with the server at once (however long the replica takes
+        to read it), so slow clients hold at most those caps of the replica's slots, and only for
+        as long as they keep the minimum rate."""
         spec, loop = self.spec, asyncio.get_running_loop()
         start = loop.time()
         timeout_at, crowded_at = start + spec.body_timeout_s, float("inf")
         mine = self.unfinished.get(address, 0)
-        if sum(self.unfinished.values()) >= spec.max_unfinished_bodies or mine >= spec.max_unfinished_bodies_per_client:
-            crowded_at = start + spec.crowded_body_s  # others' uploads fill the caps: this one must be quick
+        crowded = sum(self.unfinished.values()) >= spec.max_unfinished_bodies or mine >= spec.max_unfinished_bodies_per_client
         self.unfinished[address] = mine + 1
         chunks, total = [], 0
         try:
@@ -301,6 +301,8 @@ class SanitizerMiddleware:
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     return b"".join(chunks)
+                if crowded and crowded_at == float("inf"):  # others' uploads fill the caps: the rest must be quick
+                    crowded_at = loop.time() + spec.crowded_body_s
         finally:
             left = self.unfinished[address] - 1
             if left:
