@@ -90,7 +90,6 @@ class DecoderProcess:
         )
         self.pid = self.proc.pid
         os.set_blocking(self.proc.stdin.fileno(), False)
-        self.killed = False
         self.cpu_s = 0.0
         try:
             ready = json.loads(self._read_frame(time.monotonic() + START_TIMEOUT_S, MAX_HEADER_BYTES))
@@ -157,7 +156,6 @@ class DecoderProcess:
         return np.frombuffer(pixels, np.uint8).reshape(c, h, w)
 
     def kill(self) -> None:
-        self.killed = True
         _kill(self.proc)
 
     def died_of(self) -> int | None:
