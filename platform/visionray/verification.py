@@ -1,0 +1,401 @@
+"""Model verification without a registry: the keys, the OpenSSF model-signing bundle over a
+version's files, the checks on a version directory (no pickles, links or extra files), and
+building the model from safetensors and JSON (``verify_dir``, ``load_dir``). The registry
+(``visionray.registry``) and exported model directories both go through these."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visionray import checkpoint as ckpt
+
+log = logging.getLogger("visionray.registry")
+
+FORMAT = "visionray-model/1"
+ALIAS_FORMAT = "visionray-alias/1"
+MODEL_FILE = ckpt.MODEL_FILE  # model.safetensors
+METADATA_FILE = ckpt.METADATA_FILE  # metadata.json
+SIGNATURE_FILE = "model.sig"
+VERSION_FILES = (MODEL_FILE, METADATA_FILE, SIGNATURE_FILE)
+
+ENV_REGISTRY = "VISIONRAY_REGISTRY"
+ENV_SIGNING_KEY = "VISIONRAY_SIGNING_KEY"
+ENV_VERIFY_KEYS = "VISIONRAY_VERIFY_KEYS"
+ENV_ALLOW_UNSIGNED = "VISIONRAY_ALLOW_UNSIGNED"
+
+_PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin", ".joblib", ".dill")
+
+
+
+class RegistryError(ckpt.CheckpointError):
+    """A registry operation that cannot proceed; the message says what failed and how to fix it.
+
+    A ``CheckpointError`` (hence a ``ValueError``), so the CLI's ``user_errors`` reports it cleanly."""
+
+
+class VerificationError(RegistryError):
+    """A model that must not be loaded: no or bad signature, a changed or extra file, a pickle file,
+    a signature by a key that is not trusted, or files moved between versions."""
+
+
+
+_STORAGE_REASONS = {  # errno -> what it means for a registry write
+    errno.ENOSPC: "the storage is full (no space left on device)",
+    errno.EDQUOT: "the storage quota is exhausted",
+    errno.EROFS: "the storage is read-only",
+    errno.EACCES: "the storage is not writable (permission denied)",
+    errno.EPERM: "the storage is not writable (operation not permitted: an immutable or protected path?)",
+    errno.ENOTDIR: "the storage is not writable (a path in it is a file where a directory is expected)",
+    errno.EEXIST: "the storage is not writable (a file is in the way of a directory)",
+    errno.EISDIR: "the storage is not writable (a directory is in the way of a file)",
+    errno.EIO: "the storage reported an I/O error",
+}
+
+
+def _storage_error(exc: OSError, doing: str) -> RegistryError:
+    """A clean ``RegistryError`` for an ``OSError`` of a registry write: what failed, why, where."""
+    reason = _STORAGE_REASONS.get(exc.errno, "the storage is not writable")
+    path = exc.filename2 or exc.filename  # a copy's destination, else the one path
+    where = f" at {path}" if path else ""
+    detail = exc.strerror or str(exc) or type(exc).__name__
+    return RegistryError(f"{doing}: {reason}{where} ({detail}); free space or fix the storage's permissions, "
+                         "then try again")
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def default_registry_root() -> str:
+    """``$VISIONRAY_REGISTRY``, else ``registry`` under the current directory (absolute)."""
+    root = os.environ.get(ENV_REGISTRY)
+    if root:
+        return root if "://" in root else str(Path(root).expanduser().resolve())
+    return str(Path("registry").resolve())
+
+
+def signing_key_path() -> str | None:
+    """``$VISIONRAY_SIGNING_KEY``: the PEM private key that signs new versions."""
+    return os.environ.get(ENV_SIGNING_KEY) or None
+
+
+def verify_key_paths() -> list[str]:
+    """``$VISIONRAY_VERIFY_KEYS``: PEM public keys (``os.pathsep``-separated) trusted when loading."""
+    return [p for p in os.environ.get(ENV_VERIFY_KEYS, "").split(os.pathsep) if p.strip()]
+
+
+def allow_unsigned() -> bool:
+    """``$VISIONRAY_ALLOW_UNSIGNED == "1"``: development only; every such load logs a WARNING."""
+    return os.environ.get(ENV_ALLOW_UNSIGNED) == "1"
+
+
+_allow_unsigned_from_env = allow_unsigned  # for functions whose ``allow_unsigned`` argument shadows it
+
+
+def unsigned_reason(allow_unsigned: bool | None) -> str:
+    """Who turned verification off, for the warning: the environment, the caller, or both."""
+    env = f"{ENV_ALLOW_UNSIGNED}=1 in the environment"
+    if allow_unsigned is None:
+        return env
+    return "allow_unsigned=True from the caller" + (f" and {env}" if _allow_unsigned_from_env() else "")
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def generate_keys(prefix: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write an EC P-256 key pair: ``<prefix>.key`` (PKCS#8 PEM, mode 0600) and ``<prefix>.pub``."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    prefix = Path(prefix)
+    private, public = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
+    if not overwrite:
+        for path in (private, public):
+            if path.exists():
+                raise RegistryError(f"{path} exists; choose another prefix or pass --force to replace the pair")
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    written = False
+    try:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        if overwrite and private.exists():
+            private.unlink()
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        written = True
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(pem)
+        os.chmod(private, 0o600)  # in case a umask or an odd filesystem widened it
+        public.write_bytes(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    except OSError as exc:
+        if written:  # never leave half a pair (or a truncated private key) behind
+            private.unlink(missing_ok=True)
+        raise _storage_error(exc, f"cannot write the key pair {private} / {public}") from None
+    return private, public
+
+
+def public_key_of(private_key: Path):
+    """The public half of a PEM private key file, checked to be an EC key that model-signing accepts."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
+    except FileNotFoundError:
+        raise RegistryError(f"signing key {private_key} does not exist; create one with `visionray keys generate`") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise RegistryError(f"signing key {private_key}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise RegistryError(f"signing key {private_key}: a {type(key).__name__}; model signing needs an EC key "
+                            "(P-256, from `visionray keys generate`)")
+    return key.public_key()
+
+
+def key_fingerprint(public_key: Any) -> str:
+    """``sha256:<hex>`` of the DER SubjectPublicKeyInfo: names a key in metadata and messages."""
+    from cryptography.hazmat.primitives import serialization
+
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def _check_public_key(path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        serialization.load_pem_public_key(path.read_bytes())
+    except FileNotFoundError:
+        raise VerificationError(f"public key {path} does not exist") from None
+    except (OSError, ValueError) as exc:
+        raise VerificationError(f"public key {path}: not a PEM public key ({exc}); pass the .pub file, "
+                                "not the private key") from None
+
+
+# --------------------------------------------------------------------------- signing
+
+
+def _hashing_config():
+    from model_signing import hashing
+
+    # Every file but the signature is signed, git paths included: nothing in a version is unsigned.
+    return hashing.Config().set_ignored_paths(paths=[SIGNATURE_FILE], ignore_git_paths=False)
+
+
+def sign_dir(directory: Path, private_key: Path) -> None:
+    """Sign every file in ``directory`` with an EC private key; the bundle goes to ``model.sig``."""
+    from model_signing import signing
+
+    signing.Config().use_elliptic_key_signer(private_key=private_key).set_hashing_config(
+        _hashing_config()).sign(directory, directory / SIGNATURE_FILE)
+
+
+_MISMATCH_PARTS = (  # model-signing's diff lines, as they appear inside the repr of a list (quotes may be escaped)
+    (re.compile(r"Hash mismatch for \\?'([^'\\]+)\\?'"), "{} changed since signing (its sha256 differs from the signed one)"),
+    (re.compile(r"Extra files found in model \\?'[^'\\]*\\?': ([^\"'\]\\]+)"), "file(s) added after signing: {}"),
+    (re.compile(r"Missing files in model \\?'[^'\\]*\\?': ([^\"'\]\\]+)"), "signed file(s) missing: {}"),
+)
+
+
+def _describe_mismatch(message: str) -> str:
+    found = [tmpl.format(m.group(1).strip()) for rx, tmpl in _MISMATCH_PARTS for m in rx.finditer(message)]
+    return "; ".join(found) or message
+
+
+def _check_signature(directory: Path, public_keys: list[Path], label: str) -> str:
+    """Verify ``directory`` against the first key that signed it; returns that key's path."""
+    from model_signing import verifying
+
+    sig = directory / SIGNATURE_FILE
+    if not sig.exists():
+        raise VerificationError(f"{label}: unsigned ({SIGNATURE_FILE} is missing); re-register it with a signing key")
+    from cryptography.exceptions import InvalidSignature
+
+    rejected = []
+    for key in public_keys:
+        config = verifying.Config().use_elliptic_key_verifier(public_key=key).set_hashing_config(_hashing_config())
+        try:
+            config.verify(directory, sig)
+            return str(key)
+        except InvalidSignature:
+            rejected.append(f"{key} (signature does not verify)")
+        except ValueError as exc:
+            msg = str(exc)
+            if msg.startswith("Signature mismatch"):
+                raise VerificationError(f"{label}: {_describe_mismatch(msg)}; the model was changed after it was "
+                                        "signed: do not load it, re-register it from its checkpoint") from None
+            if msg.startswith("Key mismatch"):
+                rejected.append(f"{key} (not the signer's key)")
+                continue
+            raise VerificationError(f"{label}: {SIGNATURE_FILE} is corrupt or not a model-signing bundle ({msg})") from None
+        except Exception as exc:  # JSON / protobuf errors of a damaged bundle
+            raise VerificationError(f"{label}: {SIGNATURE_FILE} is corrupt or not a model-signing bundle "
+                                    f"({type(exc).__name__}: {exc})") from None
+    raise VerificationError(f"{label}: signature rejected by every trusted public key ({'; '.join(rejected)}): "
+                            "signed with another key, or the signature was forged; pass the signer's .pub with "
+                            f"--public-key or {ENV_VERIFY_KEYS}")
+
+
+def _is_pickle(path: Path) -> bool:
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        return True
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(2)
+        if len(head) == 2 and head[0] == 0x80 and head[1] <= 5:  # pickle protocol 2..5 opcode
+            return True
+        if zipfile.is_zipfile(path):  # torch.save's zip archive holds data.pkl
+            with zipfile.ZipFile(path) as zf:
+                return any(n.endswith(".pkl") for n in zf.namelist())
+    except OSError:
+        return False
+    return False
+
+
+def _check_files(directory: Path, label: str) -> None:
+    """Only the version's own files: no pickles, no links, no subdirectories, nothing extra."""
+    entries = sorted(directory.rglob("*"))
+    for entry in entries:
+        rel = entry.relative_to(directory).as_posix()
+        if entry.is_symlink():
+            raise VerificationError(f"{label}: {rel} is a symbolic link; a model version holds only plain files")
+        if not entry.is_file():
+            continue
+        if rel == MODEL_FILE:
+            with entry.open("rb") as fh:
+                pickled = fh.read(4) == b"PK\x03\x04"  # torch.save's zip archive, not safetensors
+        else:
+            pickled = rel not in VERSION_FILES and _is_pickle(entry)
+        if pickled:
+            raise VerificationError(f"{label}: pickle file {rel} rejected: VisionRay never unpickles; remove it "
+                                    "(weights belong in model.safetensors, written by safetensors)")
+    for entry in entries:
+        rel = entry.relative_to(directory).as_posix()
+        if rel not in VERSION_FILES or not entry.is_file():
+            raise VerificationError(f"{label}: unexpected {'directory' if entry.is_dir() else 'file'} {rel}; "
+                                    f"a model version holds only {', '.join(VERSION_FILES)}")
+    for name in (MODEL_FILE, METADATA_FILE):
+        if not (directory / name).is_file():
+            raise VerificationError(f"{label}: {name} is missing")
+
+
+def _read_version_metadata(directory: Path, label: str) -> dict[str, Any]:
+    try:
+        meta = json.loads((directory / METADATA_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VerificationError(f"{label}: {METADATA_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise VerificationError(f"{label}: {METADATA_FILE} has format {got!r}, expected {FORMAT!r}")
+    return meta
+
+
+def verify_dir(
+    directory: str | Path, public_keys: list[str | Path] | None = None, *, allow_unsigned: bool | None = None,
+    expect: tuple[str, int] | None = None, label: str | None = None,
+) -> dict[str, Any]:
+    """Verify a model version directory (in a registry or exported) and return its metadata.
+
+    Always refused: pickle files, unexpected files, links, unreadable metadata. Refused unless
+    ``allow_unsigned`` (default: ``$VISIONRAY_ALLOW_UNSIGNED``), which logs a WARNING instead: no
+    trusted keys, a missing or bad signature, changed files, and metadata naming another version
+    than ``expect`` (files moved between versions).
+    """
+    directory = Path(directory)
+    label = label or str(directory)
+    unsigned_ok = _allow_unsigned_from_env() if allow_unsigned is None else allow_unsigned
+    why = unsigned_reason(allow_unsigned)
+    keys = [Path(k) for k in (verify_key_paths() if public_keys is None else public_keys)]
+    _check_files(directory, label)
+    try:
+        if not (directory / SIGNATURE_FILE).exists():
+            raise VerificationError(f"{label}: unsigned ({SIGNATURE_FILE} is missing); re-register it with a "
+                                    "signing key")
+        if not keys:
+            raise VerificationError(
+                f"{label}: no public key to verify the signature with; pass the signer's .pub with --public-key "
+                f"or set {ENV_VERIFY_KEYS} (keys from `visionray keys generate`)")
+        for key in keys:
+            _check_public_key(key)
+        signer = _check_signature(directory, keys, label)
+        meta = _read_version_metadata(directory, label)
+        if expect is not None:
+            reg = meta.get("registry", {})
+            if (reg.get("name"), reg.get("version")) != expect:
+                raise VerificationError(
+                    f"{label}: its signed metadata says {reg.get('name')}@v{reg.get('version')}, but it is stored as "
+                    f"{expect[0]}@v{expect[1]}: files were moved between versions; do not load it")
+        if unsigned_ok:
+            log.warning("!!! %s: unsigned or changed models load without verification; %s happened to verify. "
+                        "Never set it in production. !!!", why, label)
+        log.debug("%s: signature verified with %s", label, signer)
+        return meta
+    except VerificationError as exc:
+        if not unsigned_ok:
+            raise
+        log.warning("!!! %s: loading %s DESPITE FAILED VERIFICATION: %s. Never do this in production. !!!",
+                    why, label, exc)
+        return _read_version_metadata(directory, label)
+
+
+def load_dir(
+    directory: str | Path, public_keys: list[str | Path] | None = None, *, allow_unsigned: bool | None = None,
+    device: str = "cpu", expect: tuple[str, int] | None = None, label: str | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Verify, then build the model from safetensors + JSON of a version directory.
+
+    The files are copied to a private temporary directory first, so the bytes verified are the
+    bytes loaded even if someone writes to the registry meanwhile."""
+    directory = Path(directory)
+    label = label or str(directory)
+    if not directory.is_dir():
+        raise RegistryError(f"{directory}: not a model directory")
+    with tempfile.TemporaryDirectory(prefix="visionray-verify-") as tmp:
+        copy = Path(tmp) / "model"
+        try:
+            shutil.copytree(directory, copy, symlinks=True)
+        except OSError as exc:  # shutil.Error (files vanishing mid-copy) included
+            raise RegistryError(f"{label}: cannot read the model directory ({exc}); was it deleted or moved "
+                                "while loading?") from None
+        meta = verify_dir(copy, public_keys, allow_unsigned=allow_unsigned, expect=expect, label=label)
+        return _build(copy, meta, label, device), meta
+
+
+def _build(directory: Path, meta: dict[str, Any], label: str, device: str) -> torch.nn.Module:
+    from safetensors.torch import load_file
+
+    try:
+        model = ckpt.build_model(meta)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RegistryError(f"{label}: metadata does not describe a model this VisionRay can build ({exc})") from None
+    try:
+        state = load_file(str(directory / MODEL_FILE), device=str(device))
+    except Exception as exc:  # safetensors' own error types for corrupt headers
+        raise VerificationError(f"{label}: {MODEL_FILE} is not readable safetensors ({exc})") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise RegistryError(f"{label}: weights do not fit {meta['model']['name']} ({exc})") from None
+    return model.to(device).eval()
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """A registry version or an exported model (as opposed to a training checkpoint)."""
+    path = Path(path)
+    if (path / SIGNATURE_FILE).exists():
+        return True
+    try:
+        return json.loads((path / METADATA_FILE).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
