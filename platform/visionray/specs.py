@@ -11,19 +11,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from visionray import defaults
-
-
-class SpecError(ValueError):
-    """A spec that cannot be used: ``errors`` holds one readable line per problem."""
-
-    def __init__(self, source: str, errors: list[str]):
-        self.source = source
-        self.errors = errors
-        super().__init__(f"{source}: " + "; ".join(errors))
+from visionray.spec_io import SpecError, apply_overrides, read_yaml, shown  # noqa: F401 - re-exported: specs is where callers look
 
 
 class Strict(BaseModel):
@@ -380,49 +371,6 @@ class TrainSpec(Strict):
 
 # --------------------------------------------------------------------------- loading
 
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict, in order."""
-    errors = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not _KEY.match(key):
-            errors.append(f"--set {item!r}: expected KEY=VALUE with a dotted key such as optim.lr=0.05")
-            continue
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            errors.append(f"--set {key}: value {text!r} is not valid YAML ({str(exc).splitlines()[0]})")
-            continue
-        node = raw
-        parts = key.split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                errors.append(f"--set {key}: {part!r} is a value ({child!r}), not a section")
-                break
-            node = child
-        else:
-            node[parts[-1]] = value
-    if errors:
-        raise SpecError("overrides", errors)
-    return raw
-
-
-SHOWN_CHARS = 200  # longest value quoted in an error message
-
-
-def shown(value: Any) -> str:
-    """``repr(value)``, cut to ``SHOWN_CHARS`` with the length it had."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}... ({len(text)} characters)"
-
-
 def format_errors(exc: ValidationError) -> list[str]:
     """One line per error: the field path, what is wrong and what is allowed, and the value given."""
     lines = []
@@ -439,29 +387,6 @@ def format_errors(exc: ValidationError) -> list[str]:
             line += f" (got {shown(err['input'])})"
         lines.append(line)
     return lines
-
-
-def read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise SpecError(str(path), [f"cannot read spec: {exc.strerror or exc}"]) from None
-    except UnicodeDecodeError as exc:
-        raise SpecError(str(path), [f"not UTF-8 text (byte {exc.start}): a spec is a YAML file"]) from None
-    try:
-        for event in yaml.parse(text, Loader=yaml.SafeLoader):  # events only: an alias is not expanded here
-            if isinstance(event, yaml.AliasEvent):
-                mark = event.start_mark
-                raise SpecError(str(path), [f"line {mark.line + 1}: YAML alias *{event.anchor[:40]} refused; a spec "
-                                            "writes each value out (aliases can expand a few bytes into gigabytes)"])
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise SpecError(str(path), [f"not valid YAML: {' '.join(str(exc).split())[:500]}"]) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise SpecError(str(path), [f"top level must be a mapping of sections, got {type(raw).__name__}"])
-    return raw
 
 
 def validate_model(model: type[BaseModel], raw: dict[str, Any], source: str):
