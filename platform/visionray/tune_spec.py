@@ -248,7 +248,6 @@ class SearchSpec(Strict):
             if bad:
                 raise ValueError(f"algorithm 'optuna' cannot take grid axes ({', '.join(bad)}); use choice")
         sched = self.scheduler
-        max_epochs = getattr(sched, "max_epochs", None)
         if isinstance(sched, AshaSpec) and sched.grace_period > self.max_epochs:
             raise ValueError(f"scheduler.grace_period={sched.grace_period} exceeds max_epochs={self.max_epochs}")
         if isinstance(sched, PbtSpec):
