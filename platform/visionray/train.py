@@ -17,216 +17,21 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from ray.train import UserCallback
 from torch import nn
 
 from visionray import checkpoint as ckpt
 from visionray import data as vdata
-from visionray.defaults import LR_REFERENCE_BATCH
-from visionray.models import create_model, tta_logits
-from visionray.specs import LookaheadSpec, OneCycleSpec, OptimSpec, TrainSpec, with_absolute_paths
+from visionray.models import create_model
+from visionray.specs import TrainSpec, with_absolute_paths
 from visionray.transforms import batch_augment, eval_transform, normalize_batch, preprocess_all, train_transform
 
 
-# --------------------------------------------------------------------------- optimisation
-
-
-def effective_lr(optim: OptimSpec, global_batch: int) -> float:
-    return optim.lr * global_batch / LR_REFERENCE_BATCH if optim.scale_lr else optim.lr
-
-
-NORM_LAYERS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-
-
-def build_optimizer(optim: OptimSpec, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    """Parameter groups: weights (decayed), biases and norm scales (not), norm biases at
-    ``norm_bias_lr_scale`` x lr if that is not 1, and one group per parameter the model trains for
-    a limited number of epochs (``param_epochs``; ``lr_factors`` zeroes its lr after them)."""
-    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, NORM_LAYERS) and m.bias is not None}
-    limited = model.param_epochs() if hasattr(model, "param_epochs") else {}
-    scale_norm_biases = optim.norm_bias_lr_scale != 1.0
-    decay, no_decay, scaled, stopping = [], [], [], []
-    for p in model.parameters():  # no weight decay on biases and norm scales; frozen parameters left out
-        if not p.requires_grad:
-            continue
-        if id(p) in limited:
-            stopping.append({"params": [p], "weight_decay": optim.weight_decay if p.ndim > 1 else 0.0,
-                             "train_epochs": limited[id(p)]})
-        else:
-            (scaled if scale_norm_biases and id(p) in norm_biases else decay if p.ndim > 1 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if scale_norm_biases:
-        groups.append({"params": scaled, "weight_decay": 0.0, "lr": lr * optim.norm_bias_lr_scale})
-    groups += stopping
-    if optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.momentum > 0)
-    cls = torch.optim.Adam if optim.name == "adam" else torch.optim.AdamW
-    return cls(groups, lr=lr, betas=optim.betas)
-
-
-def lr_factor(optim: OptimSpec, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the base lr at a given optimiser step: linear warmup, then the schedule."""
-    total = optim.epochs * steps_per_epoch
-    warmup = int(optim.warmup_epochs * steps_per_epoch)
-    shape = optim.onecycle or OneCycleSpec()
-    peak = 0.0 if warmup else shape.peak_at
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)  # progress through the schedule, 0..1
-        match optim.schedule:
-            case "constant":
-                return 1.0
-            case "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
-            case "onecycle":  # linear start -> 1 (unless warmup did that), then linear 1 -> end
-                if t < peak:
-                    return shape.start + (1 - shape.start) * t / peak
-                return 1 + (shape.end - 1) * min(1.0, (t - peak) / (1 - peak))
-            case "step":
-                return optim.step_gamma ** ((step // steps_per_epoch) // optim.step_epochs)
-        raise AssertionError(optim.schedule)
-
-    return factor
-
-
-def lr_factors(optim: OptimSpec, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> list[Callable[[int], float]]:
-    """One lr multiplier per parameter group: the schedule, and 0 once a group's ``train_epochs`` are over."""
-    factor = lr_factor(optim, steps_per_epoch)
-
-    def until(epochs: float) -> Callable[[int], float]:
-        last = round(epochs * steps_per_epoch)
-        return lambda step: factor(step) if step < last else 0.0
-
-    return [until(g["train_epochs"]) if "train_epochs" in g else factor for g in optimizer.param_groups]
-
-
-class Lookahead:
-    """airbench94's lookahead over a model's weights and float buffers: every ``every_steps``
-    optimiser steps the running average moves towards the weights (keeping ``decay * (step /
-    total) ** power`` of itself) and the weights are replaced by it; after the last step the
-    weights are the average."""
-
-    def __init__(self, model: nn.Module, spec: LookaheadSpec, total_steps: int):
-        self.spec, self.total, self.steps = spec, total_steps, 0
-        # the model's own tensors (loading a state dict copies into them, so they stay the model's)
-        weights = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
-        self.weights = list(weights.values())
-        self.average = {k: v.clone() for k, v in weights.items()}
-
-    @torch.no_grad()
-    def step(self) -> None:
-        self.steps += 1
-        last = self.steps >= self.total
-        if self.steps % self.spec.every_steps and not last:
-            return
-        keep = 1.0 if last else self.spec.decay * (self.steps / self.total) ** self.spec.power
-        average = list(self.average.values())
-        torch._foreach_lerp_(average, self.weights, 1.0 - keep)  # one kernel per list, not per tensor
-        torch._foreach_copy_(self.weights, average)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"average": self.average, "steps": self.steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        for name, average in self.average.items():
-            average.copy_(state["average"][name])
-
-
-# --------------------------------------------------------------------------- epoch loops
-
-
-@dataclass
-class Runtime:
-    """What one worker's loops need besides the model: device, precision and its place in the world."""
-
-    device: torch.device
-    autocast_dtype: torch.dtype | None
-    channels_last: bool
-    world_size: int
-
-    def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return images.to(self.device, non_blocking=True, memory_format=fmt), labels.to(self.device, non_blocking=True)
-
-    def all_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        if self.world_size > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
-
-def train_one_epoch(
-    model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, scheduler, scaler,
-    criterion: nn.Module, rt: Runtime, grad_clip: float | None, lookahead: Lookahead | None = None,
-) -> dict[str, float]:
-    model.train()
-    loss_sum, seen, start = torch.zeros((), device=rt.device), 0, time.perf_counter()
-    for images, labels in batches:
-        images, labels = rt.to_device(images, labels)
-        with rt.autocast():
-            loss = criterion(model(images), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if grad_clip is not None:
-            scaler.unscale_(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        if lookahead is not None:
-            lookahead.step()
-        loss_sum += loss.detach() * len(labels)
-        seen += len(labels)
-    if rt.device.type == "cuda":
-        torch.cuda.synchronize(rt.device)
-    seconds = time.perf_counter() - start
-    total_loss, total_seen, max_seconds = *rt.all_sum([loss_sum.item(), seen]), seconds
-    if rt.world_size > 1:  # the slowest worker sets the pace
-        t = torch.tensor([seconds], device=rt.device if rt.device.type == "cuda" else "cpu")
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        max_seconds = t.item()
-    return {
-        "train_loss": total_loss / max(total_seen, 1),
-        "images_per_s": total_seen / max_seconds,
-        "images_per_s_worker": seen / seconds,
-        "epoch_s": max_seconds,
-    }
-
-
-@torch.inference_mode()
-def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, num_classes: int, tta: str = "none") -> dict[str, float]:
-    """Loss, top-1 and (with more than 5 classes) top-5 over every worker's part of the data.
-    ``tta`` averages logits over test-time views (``models.tta_logits``)."""
-    model.eval()
-    k = min(5, num_classes)
-    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, top1, top5, count
-    for images, labels in batches:
-        images, labels = rt.to_device(images, labels)
-        with rt.autocast():
-            logits = tta_logits(model, images, tta)
-        top = logits.topk(k, dim=1).indices
-        sums += torch.stack([
-            nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
-            (top[:, 0] == labels).sum().double(),
-            (top == labels[:, None]).any(dim=1).sum().double(),
-            torch.tensor(float(len(labels)), dtype=torch.float64, device=rt.device),
-        ])
-    loss, top1, top5, count = rt.all_sum(sums.tolist())
-    out = {"val_loss": loss / max(count, 1), "val_acc": top1 / max(count, 1)}
-    if num_classes > 5:
-        out["val_top5"] = top5 / max(count, 1)
-    return out
-
-
+from visionray.optim import Lookahead, build_optimizer, effective_lr, lr_factors
+from visionray.optim import lr_factor  # noqa: F401 - re-exported: callers import them from visionray.train
+from visionray.epoch import Runtime, evaluate, train_one_epoch
+from visionray.runs import local_log_dir, storage_path
+from visionray.runs import best_checkpoint, completed_epochs, init_ray, local_cluster_env, run_dir  # noqa: F401 - re-exported: callers import them from visionray.train
 # --------------------------------------------------------------------------- the worker
 
 
@@ -466,78 +271,6 @@ def run_epochs(worker: Worker, report: Callable[[dict[str, Any], Path | None, in
 # --------------------------------------------------------------------------- the driver
 
 
-def init_ray(address: str | None = None, verbose: bool = False) -> None:
-    """Connect to ``address`` (or RAY_ADDRESS), or start a local cluster bound to loopback.
-
-    Unless ``verbose``, worker and controller output stays in Ray's log files (under
-    /tmp/ray/session_latest/logs): Ray's repeated internal lines are kept out of the user's way,
-    while real errors still surface as exceptions and through ``ReportToQueue.after_exception``."""
-    import logging
-    import os
-
-    import ray
-
-    from visionray.defaults import LOCAL_HOST
-
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {
-        "logging_level": logging.INFO if verbose else logging.ERROR,
-        "log_to_driver": verbose,
-    }
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # The dashboard serves Ray's state API (Train's placement-group cleaner polls it) and the
-        # Jobs API; both listen on loopback only.
-        with local_cluster_env():
-            ray.init(address="local", include_dashboard=True, dashboard_host=LOCAL_HOST,
-                     _node_ip_address=LOCAL_HOST, **kwargs)
-
-
-@contextlib.contextmanager
-def local_cluster_env():
-    """Start a local cluster on a known GCS port and give its processes RAY_ADDRESS: Ray's own
-    state-API lookups inside the cluster (Train's placement-group cleaner) then find this cluster
-    even when other Ray clusters run on the same machine. The driver's environment is restored."""
-    import os
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    saved = {k: os.environ.get(k) for k in ("RAY_GCS_SERVER_PORT", "RAY_ADDRESS")}
-    os.environ.update(RAY_GCS_SERVER_PORT=str(port), RAY_ADDRESS=f"127.0.0.1:{port}")
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-def storage_path(spec: TrainSpec) -> str:
-    """Ray's storage path: a URI as given, a local path made absolute (Ray requires that)."""
-    storage = spec.output.storage
-    return storage if "://" in storage else str(Path(storage).expanduser().resolve())
-
-
-def run_dir(spec: TrainSpec) -> str:
-    """Where Ray keeps this job's checkpoints: ``<storage>/<name>``."""
-    return f"{storage_path(spec).rstrip('/')}/{spec.output.name}"
-
-
-def local_log_dir(spec: TrainSpec) -> Path:
-    """Where the driver writes metrics.csv and TensorBoard events: the run directory when it is
-    local, else ``runs/<name>`` under the current directory."""
-    if "://" in spec.output.storage:
-        return Path("runs") / spec.output.name
-    return Path(run_dir(spec))
-
-
 def build_trainer(spec: TrainSpec, callbacks: list | None = None):
     """The ``TorchTrainer`` for a spec: used by ``visionray train`` and, per trial, by Tune."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -572,36 +305,6 @@ def build_trainer(spec: TrainSpec, callbacks: list | None = None):
         run_config=run_config,
         datasets=datasets,
     )
-
-
-def list_checkpoints(directory: str | Path) -> list[tuple[Path, dict[str, Any]]]:
-    """A run directory's checkpoints with their metadata, oldest epoch first."""
-    found = []
-    for d in sorted(Path(directory).glob("checkpoint_*")):
-        try:
-            found.append((d, ckpt.read_metadata(d)))
-        except ckpt.CheckpointError:
-            continue  # a checkpoint Ray is still writing, or one of another format
-    return sorted(found, key=lambda item: item[1]["epoch"])
-
-
-def completed_epochs(spec: TrainSpec) -> int:
-    """Epochs the job's latest checkpoint holds (0 for a new job or a remote store)."""
-    if "://" in spec.output.storage:
-        return 0
-    found = list_checkpoints(run_dir(spec))
-    return found[-1][1]["epoch"] if found else 0
-
-
-def best_checkpoint(directory: str | Path) -> Path:
-    """A checkpoint directory as given, or a run directory's best by val_acc (ties: later epoch)."""
-    directory = Path(directory)
-    if (directory / ckpt.METADATA_FILE).exists():
-        return directory
-    found = list_checkpoints(directory)
-    if not found:
-        raise ckpt.CheckpointError(f"{directory}: neither a checkpoint nor a run directory with checkpoints")
-    return max(found, key=lambda item: (item[1]["metrics"].get("val_acc", 0.0), item[1]["epoch"]))[0]
 
 
 # --------------------------------------------------------------------------- progress

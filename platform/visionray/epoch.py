@@ -1,0 +1,107 @@
+"""The epoch loops every worker runs: ``train_one_epoch`` and ``evaluate`` (one screen each)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from visionray.models import tta_logits
+
+
+from visionray.optim import Lookahead
+
+# --------------------------------------------------------------------------- epoch loops
+
+
+@dataclass
+class Runtime:
+    """What one worker's loops need besides the model: device, precision and its place in the world."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+    world_size: int
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return images.to(self.device, non_blocking=True, memory_format=fmt), labels.to(self.device, non_blocking=True)
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        if self.world_size > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+
+def train_one_epoch(
+    model: nn.Module, batches: Iterable, optimizer: torch.optim.Optimizer, scheduler, scaler,
+    criterion: nn.Module, rt: Runtime, grad_clip: float | None, lookahead: Lookahead | None = None,
+) -> dict[str, float]:
+    model.train()
+    loss_sum, seen, start = torch.zeros((), device=rt.device), 0, time.perf_counter()
+    for images, labels in batches:
+        images, labels = rt.to_device(images, labels)
+        with rt.autocast():
+            loss = criterion(model(images), labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        if lookahead is not None:
+            lookahead.step()
+        loss_sum += loss.detach() * len(labels)
+        seen += len(labels)
+    if rt.device.type == "cuda":
+        torch.cuda.synchronize(rt.device)
+    seconds = time.perf_counter() - start
+    total_loss, total_seen, max_seconds = *rt.all_sum([loss_sum.item(), seen]), seconds
+    if rt.world_size > 1:  # the slowest worker sets the pace
+        t = torch.tensor([seconds], device=rt.device if rt.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        max_seconds = t.item()
+    return {
+        "train_loss": total_loss / max(total_seen, 1),
+        "images_per_s": total_seen / max_seconds,
+        "images_per_s_worker": seen / seconds,
+        "epoch_s": max_seconds,
+    }
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, num_classes: int, tta: str = "none") -> dict[str, float]:
+    """Loss, top-1 and (with more than 5 classes) top-5 over every worker's part of the data.
+    ``tta`` averages logits over test-time views (``models.tta_logits``)."""
+    model.eval()
+    k = min(5, num_classes)
+    sums = torch.zeros(4, dtype=torch.float64, device=rt.device)  # loss, top1, top5, count
+    for images, labels in batches:
+        images, labels = rt.to_device(images, labels)
+        with rt.autocast():
+            logits = tta_logits(model, images, tta)
+        top = logits.topk(k, dim=1).indices
+        sums += torch.stack([
+            nn.functional.cross_entropy(logits, labels, reduction="sum").double(),
+            (top[:, 0] == labels).sum().double(),
+            (top == labels[:, None]).any(dim=1).sum().double(),
+            torch.tensor(float(len(labels)), dtype=torch.float64, device=rt.device),
+        ])
+    loss, top1, top5, count = rt.all_sum(sums.tolist())
+    out = {"val_loss": loss / max(count, 1), "val_acc": top1 / max(count, 1)}
+    if num_classes > 5:
+        out["val_top5"] = top5 / max(count, 1)
+    return out
