@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict
+
+
+class Strict(BaseModel):
+    """The base of every spec and metadata model: unknown keys refused, frozen, defaults validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, populate_by_name=True)
 
 
 class SpecError(ValueError):

@@ -14,105 +14,8 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from visionray import defaults
-from visionray.spec_io import SpecError, apply_overrides, read_yaml, shown  # noqa: F401 - re-exported: specs is where callers look
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, populate_by_name=True)
-
-
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-
-
-# --------------------------------------------------------------------------- augmentation ops
-# Each op is one named, composable step; a policy is a list of them, applied in order to uint8
-# images before the eval preset's scaling and normalisation. ``visionray.transforms`` builds them.
-
-
-class NoneOp(Strict):
-    op: Literal["none"] = "none"
-
-
-class FlipCropOp(Strict):
-    op: Literal["flip_crop"] = "flip_crop"
-    padding: int = Field(4, ge=0, le=64, description="reflect padding before the random crop (px)")
-    flip: bool | Literal["alternate"] = Field(True, description="random horizontal flip; turn off for digits and text; "
-                                              "alternate (airbench94, data.pipeline batched): each image mirrored in every "
-                                              "other epoch, starting from a seeded random half")
-
-
-class AutoAugmentOp(Strict):
-    op: Literal["autoaugment"] = "autoaugment"
-    policy: Literal["imagenet", "cifar10", "svhn"] = "cifar10"
-
-
-class RandAugmentOp(Strict):
-    op: Literal["randaugment"] = "randaugment"
-    n: int = Field(2, ge=1, le=10, description="ops applied per image")
-    m: int = Field(9, ge=0, le=30, description="magnitude on torchvision's 0..30 scale")
-
-
-class TrivialAugmentOp(Strict):
-    op: Literal["trivialaugment"] = "trivialaugment"
-
-
-class BrightnessContrastOp(Strict):
-    """The article's brightness/contrast adjustment: factors drawn from [1-x, 1+x]."""
-
-    op: Literal["brightness_contrast"] = "brightness_contrast"
-    brightness: float = Field(0.2, ge=0.0, le=1.0)
-    contrast: float = Field(0.2, ge=0.0, le=1.0)
-
-
-class GrayscaleOp(Strict):
-    """The article's grayscale conversion; the channel count is kept."""
-
-    op: Literal["grayscale"] = "grayscale"
-    p: Probability = 1.0
-
-
-class AutocontrastOp(Strict):
-    """Contrast enhancement: stretch each channel to the full range."""
-
-    op: Literal["autocontrast"] = "autocontrast"
-    p: Probability = 1.0
-
-
-class EqualizeOp(Strict):
-    """Contrast enhancement: histogram equalisation."""
-
-    op: Literal["equalize"] = "equalize"
-    p: Probability = 1.0
-
-
-class ColorBalanceOp(Strict):
-    """The article's colour balance (PIL's ImageEnhance.Color): saturation in [1-x, 1+x]."""
-
-    op: Literal["color_balance"] = "color_balance"
-    saturation: float = Field(0.3, ge=0.0, le=1.0)
-
-
-class BinarizeOp(Strict):
-    """The article's binarisation: pixels at or above ``threshold`` become 255, the rest 0."""
-
-    op: Literal["binarize"] = "binarize"
-    threshold: int = Field(128, ge=0, le=255, description="uint8 intensity")
-    p: Probability = 1.0
-
-
-AugmentOp = Annotated[
-    Union[
-        NoneOp, FlipCropOp, AutoAugmentOp, RandAugmentOp, TrivialAugmentOp, BrightnessContrastOp,
-        GrayscaleOp, AutocontrastOp, EqualizeOp, ColorBalanceOp, BinarizeOp,
-    ],
-    Field(discriminator="op"),
-]
-AUGMENT_OPS = (
-    "none", "flip_crop", "autoaugment", "randaugment", "trivialaugment", "brightness_contrast",
-    "grayscale", "autocontrast", "equalize", "color_balance", "binarize",
-)
-# Ops that may run at evaluation and serving time: deterministic when p == 1.
-PREPROCESS_OPS = ("grayscale", "autocontrast", "equalize", "binarize")
+from visionray.ops import AugmentOp, BATCHED_OPS, PREPROCESS_OPS
+from visionray.spec_io import SpecError, Strict, apply_overrides, read_yaml, shown
 
 
 def _ops_from_shorthand(value: Any) -> Any:
@@ -319,7 +222,6 @@ class EvaluationSpec(Strict):
         "mirror's logits; flip_translate (airbench94) adds both shifted one pixel up-left and down-right")
 
 
-BATCHED_OPS = ("none", "flip_crop")
 
 
 class TrainSpec(Strict):

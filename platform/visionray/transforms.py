@@ -6,87 +6,28 @@ image to a model input: training appends it after augmentation, evaluation and s
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
-from visionray.specs import AugmentOp, EvalPreset
+from visionray.ops import AugmentOp
 
-
-class Binarize(v2.Transform):
-    """Threshold a uint8 image: pixels >= ``threshold`` become 255, the rest 0 (the article's
-    binarisation), with probability ``p``."""
-
-    def __init__(self, threshold: int = 128, p: float = 1.0):
-        super().__init__()
-        self.threshold = threshold
-        self.p = p
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        return {"apply": self.p >= 1.0 or torch.rand(()).item() < self.p}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if not params["apply"] or not isinstance(inpt, torch.Tensor):
-            return inpt
-        return torch.where(inpt >= self.threshold, 255, 0).to(inpt.dtype)
-
-
-class ColorBalance(v2.Transform):
-    """PIL's ImageEnhance.Color on tensors: saturation factor drawn from [1-x, 1+x]; grey images
-    (one channel) pass through unchanged."""
-
-    def __init__(self, saturation: float):
-        super().__init__()
-        self.saturation = saturation
-
-    def make_params(self, flat_inputs: list[Any]) -> dict[str, Any]:
-        return {"factor": 1.0 + (torch.rand(()).item() * 2 - 1) * self.saturation}
-
-    def transform(self, inpt: Any, params: dict[str, Any]) -> Any:
-        if not isinstance(inpt, torch.Tensor) or inpt.shape[-3] != 3:
-            return inpt
-        return F.adjust_saturation(inpt, params["factor"])
-
-
-def build_op(op: AugmentOp, image_size: int) -> v2.Transform | None:
-    """One spec op as a torchvision transform (None for the identity)."""
-    match op.op:
-        case "none":
-            return None
-        case "flip_crop":
-            crop = v2.RandomCrop(image_size, padding=op.padding, padding_mode="reflect") if op.padding else None
-            flip = v2.RandomHorizontalFlip() if op.flip else None
-            parts = [t for t in (crop, flip) if t is not None]
-            return v2.Compose(parts) if parts else None
-        case "autoaugment":
-            return v2.AutoAugment(v2.AutoAugmentPolicy(op.policy))
-        case "randaugment":
-            return v2.RandAugment(num_ops=op.n, magnitude=op.m)
-        case "trivialaugment":
-            return v2.TrivialAugmentWide()
-        case "brightness_contrast":
-            return v2.ColorJitter(brightness=op.brightness, contrast=op.contrast)
-        case "grayscale":
-            return v2.RandomGrayscale(p=op.p)
-        case "autocontrast":
-            return v2.RandomAutocontrast(p=op.p)
-        case "equalize":
-            return v2.RandomEqualize(p=op.p)
-        case "color_balance":
-            return ColorBalance(op.saturation)
-        case "binarize":
-            return Binarize(op.threshold, op.p)
-    raise AssertionError(f"op {op.op!r} has no builder")
+if TYPE_CHECKING:  # specs imports the data registry, which uses these transforms
+    from visionray.specs import EvalPreset
 
 
 def _compose(ops: Sequence[AugmentOp], image_size: int) -> list[v2.Transform]:
-    return [t for t in (build_op(op, image_size) for op in ops) if t is not None]
+    return [t for t in (op.build(image_size) for op in ops) if t is not None]
+
+
+def resize_to(size: int) -> v2.Transform:
+    """The one resize of the platform: data sources, streaming, evaluation and serving use it."""
+    return v2.Resize((size, size), antialias=True)
 
 
 def resize(preset: EvalPreset) -> v2.Transform:
-    return v2.Resize((preset.image_size, preset.image_size), antialias=True)
+    return resize_to(preset.image_size)
 
 
 def _finish(preset: EvalPreset) -> list[v2.Transform]:

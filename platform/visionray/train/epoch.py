@@ -14,7 +14,7 @@ from torch import nn
 from visionray.models import tta_logits
 
 
-from visionray.optim import Lookahead
+from visionray.train.optim import Lookahead
 
 # --------------------------------------------------------------------------- epoch loops
 

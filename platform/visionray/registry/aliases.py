@@ -11,8 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-from visionray.verification import (ALIAS_FORMAT, ENV_VERIFY_KEYS, VerificationError, _check_public_key,
-                                    key_fingerprint, public_key_of)
+from visionray.registry.keys import check_public_key, key_fingerprint, public_key_of
+from visionray.registry.layout import ALIAS_FORMAT, ENV_VERIFY_KEYS, VerificationError
 
 
 
@@ -84,7 +84,7 @@ def verify_alias(record: AliasRecord, name: str, alias: str, public_keys: list[P
     except ValueError:
         raise VerificationError(f"{label}: the alias signature is not base64") from None
     for path in public_keys:
-        _check_public_key(path)
+        check_public_key(path)
         key = serialization.load_pem_public_key(path.read_bytes())
         if not isinstance(key, ec.EllipticCurvePublicKey):
             continue

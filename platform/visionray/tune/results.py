@@ -134,8 +134,9 @@ def _trial_id(result) -> str:
     return Path(result.path).name.removeprefix("trial_")  # see trial_dirname
 
 
-def collect(spec: SearchSpec, grid, wall_s: float, register: bool = True) -> SearchOutcome:
-    """Summaries, ranking, exports (CSV, JSON, PNG), the best checkpoint's copy and registration."""
+def collect(spec: SearchSpec, grid, wall_s: float) -> SearchOutcome:
+    """Summaries, ranking, exports (CSV, JSON, PNG) and the best checkpoint's copy. Registering it
+    (``register:``) is the caller's registry call, with ``lineage(spec, outcome.best)``."""
     from ray.tune import ExperimentAnalysis
 
     exp = experiment_dir(spec)
@@ -163,10 +164,6 @@ def collect(spec: SearchSpec, grid, wall_s: float, register: bool = True) -> Sea
             files["best"] = str(exp_path / BEST_JSON)
             log.info("best trial %s: %s=%s at epoch %s -> %s", best.trial_id, spec.metric, best.best_value,
                      best.best_epoch, best_dir)
-    if register and best_dir and spec.registration is not None:
-        from visionray import cli_registry
-
-        cli_registry.register_after_run(spec.registration, best_dir, lineage=lineage(spec, best))
     return SearchOutcome(spec, exp, trials, best, best_dir, interrupted, files, wall_s)
 
 

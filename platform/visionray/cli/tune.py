@@ -106,3 +106,5 @@ def register(app: typer.Typer) -> None:
         console.print(f"[bold]best trial[/] {b.trial_id}: {spec.metric} {b.best_value:.4f} at epoch {b.best_epoch} "
                       f"({b.num_params:,} parameters), {_config(b.params)}")
         console.print(f"best checkpoint {outcome.best_dir}  ({outcome.wall_s:.0f} s)")
+        if outcome.best_dir and spec.registration is not None:
+            register_after_run(spec.registration, outcome.best_dir, lineage=vtune.lineage(spec, b))

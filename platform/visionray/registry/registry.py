@@ -36,15 +36,16 @@ from typing import Any, Iterator
 import torch
 
 from visionray import checkpoint as ckpt
-from visionray.aliases import AliasRecord, sign_alias, verify_alias  # noqa: F401 - the registry's API
-from visionray.registry_store import _VERSION_DIR, _Store
+from visionray.registry.aliases import AliasRecord, sign_alias, verify_alias
+from visionray.registry.keys import key_fingerprint, public_key_of
+from visionray.registry.layout import (ENV_ALLOW_UNSIGNED, ENV_SIGNING_KEY, FORMAT, METADATA_FILE, MODEL_FILE,
+                                       RegistryError, VerificationError, allow_unsigned, allow_unsigned_from_env,
+                                       default_registry_root, signing_key_path, storage_error, unsigned_reason,
+                                       verify_key_paths)
+from visionray.registry.signing import build, sign_dir, verify_dir
+from visionray.registry.store import VERSION_DIR, Store, open_store
+from visionray.runs import best_checkpoint
 from visionray.specs import ALIAS_PATTERN, NAME_PATTERN
-from visionray.verification import (  # noqa: F401 - the registry's API, re-exported
-    ENV_ALLOW_UNSIGNED, ENV_REGISTRY, ENV_SIGNING_KEY, ENV_VERIFY_KEYS, FORMAT, METADATA_FILE, MODEL_FILE,
-    SIGNATURE_FILE, VERSION_FILES, RegistryError, VerificationError, _build, _storage_error, _check_public_key,
-    _allow_unsigned_from_env, allow_unsigned, default_registry_root, generate_keys, is_model_dir, key_fingerprint,
-    load_dir, public_key_of, sign_dir, signing_key_path, unsigned_reason, verify_dir, verify_key_paths,
-)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ class Registry:
         """``filesystem``: a configured ``pyarrow.fs.FileSystem`` (endpoint, credentials) for ``root``,
         a path inside it; by default the filesystem is inferred from ``root``'s scheme."""
         self.root = root or default_registry_root()
-        self._store = _Store(self.root, filesystem)
+        self._store = open_store(self.root, filesystem)
 
     def __repr__(self) -> str:
         return f"Registry({self.uri!r})"
@@ -120,7 +121,7 @@ class Registry:
     def _versions(self, name: str) -> list[int]:
         found = []
         for entry, is_dir in self._store.listdir(name):
-            m = _VERSION_DIR.fullmatch(entry)
+            m = VERSION_DIR.fullmatch(entry)
             if m and is_dir and self._store.exists(name, entry, METADATA_FILE):
                 found.append(int(m.group(1)))
         return sorted(found)
@@ -206,7 +207,7 @@ class Registry:
         try:
             verify_alias(record, name, alias, [Path(k) for k in public_keys])
         except VerificationError as exc:
-            if not (_allow_unsigned_from_env() if allow_unsigned is None else allow_unsigned):
+            if not (allow_unsigned_from_env() if allow_unsigned is None else allow_unsigned):
                 raise
             log.warning("!!! %s: following %s@%s DESPITE: %s !!!", unsigned_reason(allow_unsigned), name, alias, exc)
 
@@ -241,7 +242,7 @@ class Registry:
             try:
                 staged = self._store.staging_dir(name)
                 shutil.copyfile(source / MODEL_FILE, staged / MODEL_FILE)
-                _build(staged, meta, str(source), "cpu")  # the weights fit the architecture the metadata names
+                build(staged, meta, str(source), "cpu")  # the weights fit the architecture the metadata names
                 version = self._claim_next(name)
                 record = self._metadata(meta, name, version, checkpoint_dir, lineage, signer)
                 (staged / METADATA_FILE).write_text(json.dumps(record, indent=2))
@@ -252,7 +253,7 @@ class Registry:
                 if version is not None:
                     self._store.release(name, version)  # the number goes to the next registration
                 if isinstance(exc, OSError):
-                    raise _storage_error(exc, f"cannot register {name} in {self.uri}; nothing was published") from None
+                    raise storage_error(exc, f"cannot register {name} in {self.uri}; nothing was published") from None
                 raise
             finally:
                 if staged is not None:
@@ -312,7 +313,7 @@ class Registry:
         try:
             self._store.write_text_atomic(record.model_dump_json(indent=2) + "\n", name, "aliases", alias)
         except OSError as exc:
-            raise _storage_error(exc, f"cannot move {name}@{alias} to v{version}; the alias is unchanged") from None
+            raise storage_error(exc, f"cannot move {name}@{alias} to v{version}; the alias is unchanged") from None
         log.info("%s@%s -> v%d", name, alias, version)
 
     # -- verifying, loading, exporting
@@ -336,7 +337,7 @@ class Registry:
         with self._fetched(mv) as copy:
             meta = verify_dir(copy, public_keys, allow_unsigned=allow_unsigned, expect=(mv.name, mv.version),
                               label=mv.ref)
-            return _build(copy, meta, mv.ref, device), meta
+            return build(copy, meta, mv.ref, device), meta
 
     def export(self, ref: str, dest: str | Path, *, public_keys: list[str | Path] | None = None) -> Path:
         """Copy a verified version (signature included) to a new local directory ``dest``."""
@@ -360,7 +361,7 @@ def _trusted(public_keys: list[str | Path] | None) -> list[str | Path]:
 class _Fetched:
     """A private local copy of one version, removed on exit."""
 
-    def __init__(self, store: _Store, mv: ModelVersion):
+    def __init__(self, store: Store, mv: ModelVersion):
         self.store, self.mv = store, mv
 
     def __enter__(self) -> Path:
@@ -393,8 +394,6 @@ class _local_checkpoint:
             path = Path(self.given.removeprefix("file://")).expanduser()
             if (path / METADATA_FILE).exists():
                 return path.resolve()
-            from visionray.train import best_checkpoint  # a run directory: its best checkpoint
-
             return best_checkpoint(path).resolve()
         import pyarrow.fs as pafs
 

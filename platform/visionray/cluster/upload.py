@@ -82,7 +82,7 @@ def measure_upload(project: Path, excludes: list[str] = EXCLUDES) -> Upload:
     return Upload(files=files, limit=GCS_STORAGE_MAX_SIZE)
 
 
-def _zipped_size(root: Path, excludes: list[str]) -> int:
+def zipped_size(root: Path, excludes: list[str]) -> int:
     import tempfile
 
     from ray._private.runtime_env.packaging import create_package

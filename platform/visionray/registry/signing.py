@@ -1,15 +1,13 @@
-"""Model verification without a registry: the keys, the OpenSSF model-signing bundle over a
+"""Model verification without a registry: the OpenSSF model-signing bundle over a
 version's files, the checks on a version directory (no pickles, links or extra files), and
 building the model from safetensors and JSON (``verify_dir``, ``load_dir``). The registry
 (``visionray.registry``) and exported model directories both go through these."""
 
+
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
@@ -20,170 +18,12 @@ from typing import Any
 import torch
 
 from visionray import checkpoint as ckpt
+from visionray.registry.keys import check_public_key
+from visionray.registry.layout import (ENV_VERIFY_KEYS, FORMAT, METADATA_FILE, MODEL_FILE, PICKLE_SUFFIXES, SIGNATURE_FILE,
+                                       VERSION_FILES, RegistryError, VerificationError, allow_unsigned_from_env,
+                                       unsigned_reason, verify_key_paths)
 
 log = logging.getLogger("visionray.registry")
-
-FORMAT = "visionray-model/1"
-ALIAS_FORMAT = "visionray-alias/1"
-MODEL_FILE = ckpt.MODEL_FILE  # model.safetensors
-METADATA_FILE = ckpt.METADATA_FILE  # metadata.json
-SIGNATURE_FILE = "model.sig"
-VERSION_FILES = (MODEL_FILE, METADATA_FILE, SIGNATURE_FILE)
-
-ENV_REGISTRY = "VISIONRAY_REGISTRY"
-ENV_SIGNING_KEY = "VISIONRAY_SIGNING_KEY"
-ENV_VERIFY_KEYS = "VISIONRAY_VERIFY_KEYS"
-ENV_ALLOW_UNSIGNED = "VISIONRAY_ALLOW_UNSIGNED"
-
-_PICKLE_SUFFIXES = (".pkl", ".pickle", ".pt", ".pth", ".ckpt", ".bin", ".joblib", ".dill")
-
-
-
-class RegistryError(ckpt.CheckpointError):
-    """A registry operation that cannot proceed; the message says what failed and how to fix it.
-
-    A ``CheckpointError`` (hence a ``ValueError``), so the CLI's ``user_errors`` reports it cleanly."""
-
-
-class VerificationError(RegistryError):
-    """A model that must not be loaded: no or bad signature, a changed or extra file, a pickle file,
-    a signature by a key that is not trusted, or files moved between versions."""
-
-
-
-_STORAGE_REASONS = {  # errno -> what it means for a registry write
-    errno.ENOSPC: "the storage is full (no space left on device)",
-    errno.EDQUOT: "the storage quota is exhausted",
-    errno.EROFS: "the storage is read-only",
-    errno.EACCES: "the storage is not writable (permission denied)",
-    errno.EPERM: "the storage is not writable (operation not permitted: an immutable or protected path?)",
-    errno.ENOTDIR: "the storage is not writable (a path in it is a file where a directory is expected)",
-    errno.EEXIST: "the storage is not writable (a file is in the way of a directory)",
-    errno.EISDIR: "the storage is not writable (a directory is in the way of a file)",
-    errno.EIO: "the storage reported an I/O error",
-}
-
-
-def _storage_error(exc: OSError, doing: str) -> RegistryError:
-    """A clean ``RegistryError`` for an ``OSError`` of a registry write: what failed, why, where."""
-    reason = _STORAGE_REASONS.get(exc.errno, "the storage is not writable")
-    path = exc.filename2 or exc.filename  # a copy's destination, else the one path
-    where = f" at {path}" if path else ""
-    detail = exc.strerror or str(exc) or type(exc).__name__
-    return RegistryError(f"{doing}: {reason}{where} ({detail}); free space or fix the storage's permissions, "
-                         "then try again")
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def default_registry_root() -> str:
-    """``$VISIONRAY_REGISTRY``, else ``registry`` under the current directory (absolute)."""
-    root = os.environ.get(ENV_REGISTRY)
-    if root:
-        return root if "://" in root else str(Path(root).expanduser().resolve())
-    return str(Path("registry").resolve())
-
-
-def signing_key_path() -> str | None:
-    """``$VISIONRAY_SIGNING_KEY``: the PEM private key that signs new versions."""
-    return os.environ.get(ENV_SIGNING_KEY) or None
-
-
-def verify_key_paths() -> list[str]:
-    """``$VISIONRAY_VERIFY_KEYS``: PEM public keys (``os.pathsep``-separated) trusted when loading."""
-    return [p for p in os.environ.get(ENV_VERIFY_KEYS, "").split(os.pathsep) if p.strip()]
-
-
-def allow_unsigned() -> bool:
-    """``$VISIONRAY_ALLOW_UNSIGNED == "1"``: development only; every such load logs a WARNING."""
-    return os.environ.get(ENV_ALLOW_UNSIGNED) == "1"
-
-
-_allow_unsigned_from_env = allow_unsigned  # for functions whose ``allow_unsigned`` argument shadows it
-
-
-def unsigned_reason(allow_unsigned: bool | None) -> str:
-    """Who turned verification off, for the warning: the environment, the caller, or both."""
-    env = f"{ENV_ALLOW_UNSIGNED}=1 in the environment"
-    if allow_unsigned is None:
-        return env
-    return "allow_unsigned=True from the caller" + (f" and {env}" if _allow_unsigned_from_env() else "")
-
-
-# --------------------------------------------------------------------------- keys
-
-
-def generate_keys(prefix: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write an EC P-256 key pair: ``<prefix>.key`` (PKCS#8 PEM, mode 0600) and ``<prefix>.pub``."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    prefix = Path(prefix)
-    private, public = prefix.with_name(prefix.name + ".key"), prefix.with_name(prefix.name + ".pub")
-    if not overwrite:
-        for path in (private, public):
-            if path.exists():
-                raise RegistryError(f"{path} exists; choose another prefix or pass --force to replace the pair")
-    key = ec.generate_private_key(ec.SECP256R1())
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    written = False
-    try:
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        if overwrite and private.exists():
-            private.unlink()
-        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        written = True
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-        os.chmod(private, 0o600)  # in case a umask or an odd filesystem widened it
-        public.write_bytes(key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
-    except OSError as exc:
-        if written:  # never leave half a pair (or a truncated private key) behind
-            private.unlink(missing_ok=True)
-        raise _storage_error(exc, f"cannot write the key pair {private} / {public}") from None
-    return private, public
-
-
-def public_key_of(private_key: Path):
-    """The public half of a PEM private key file, checked to be an EC key that model-signing accepts."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    try:
-        key = serialization.load_pem_private_key(private_key.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise RegistryError(f"signing key {private_key} does not exist; create one with `visionray keys generate`") from None
-    except (OSError, ValueError, TypeError) as exc:
-        raise RegistryError(f"signing key {private_key}: not an unencrypted PEM private key ({exc})") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise RegistryError(f"signing key {private_key}: a {type(key).__name__}; model signing needs an EC key "
-                            "(P-256, from `visionray keys generate`)")
-    return key.public_key()
-
-
-def key_fingerprint(public_key: Any) -> str:
-    """``sha256:<hex>`` of the DER SubjectPublicKeyInfo: names a key in metadata and messages."""
-    from cryptography.hazmat.primitives import serialization
-
-    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "sha256:" + hashlib.sha256(der).hexdigest()
-
-
-def _check_public_key(path: Path) -> None:
-    from cryptography.hazmat.primitives import serialization
-
-    try:
-        serialization.load_pem_public_key(path.read_bytes())
-    except FileNotFoundError:
-        raise VerificationError(f"public key {path} does not exist") from None
-    except (OSError, ValueError) as exc:
-        raise VerificationError(f"public key {path}: not a PEM public key ({exc}); pass the .pub file, "
-                                "not the private key") from None
-
-
-# --------------------------------------------------------------------------- signing
 
 
 def _hashing_config():
@@ -248,7 +88,7 @@ def _check_signature(directory: Path, public_keys: list[Path], label: str) -> st
 
 
 def _is_pickle(path: Path) -> bool:
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
+    if path.suffix.lower() in PICKLE_SUFFIXES:
         return True
     try:
         with path.open("rb") as fh:
@@ -314,7 +154,7 @@ def verify_dir(
     """
     directory = Path(directory)
     label = label or str(directory)
-    unsigned_ok = _allow_unsigned_from_env() if allow_unsigned is None else allow_unsigned
+    unsigned_ok = allow_unsigned_from_env() if allow_unsigned is None else allow_unsigned
     why = unsigned_reason(allow_unsigned)
     keys = [Path(k) for k in (verify_key_paths() if public_keys is None else public_keys)]
     _check_files(directory, label)
@@ -327,7 +167,7 @@ def verify_dir(
                 f"{label}: no public key to verify the signature with; pass the signer's .pub with --public-key "
                 f"or set {ENV_VERIFY_KEYS} (keys from `visionray keys generate`)")
         for key in keys:
-            _check_public_key(key)
+            check_public_key(key)
         signer = _check_signature(directory, keys, label)
         meta = _read_version_metadata(directory, label)
         if expect is not None:
@@ -369,10 +209,10 @@ def load_dir(
             raise RegistryError(f"{label}: cannot read the model directory ({exc}); was it deleted or moved "
                                 "while loading?") from None
         meta = verify_dir(copy, public_keys, allow_unsigned=allow_unsigned, expect=expect, label=label)
-        return _build(copy, meta, label, device), meta
+        return build(copy, meta, label, device), meta
 
 
-def _build(directory: Path, meta: dict[str, Any], label: str, device: str) -> torch.nn.Module:
+def build(directory: Path, meta: dict[str, Any], label: str, device: str) -> torch.nn.Module:
     from safetensors.torch import load_file
 
     try:

@@ -1,0 +1,143 @@
+"""Named data sources, registered once with ``@register_source``: the spec's allowed
+``data.source`` values are this registry's names.
+
+Every source yields uint8 images (N, C, H, W) already resized with the platform's one resize
+(the same code serving runs), integer labels and class names, split into train and val.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+
+from visionray import defaults
+from visionray.data.folders import decode_files, folder_files
+from visionray.data.splits import DataError, DataSplits, ImageArrays, limit_indices, split_indices
+from visionray.transforms import resize_to
+
+if TYPE_CHECKING:  # specs imports this registry to validate data.source
+    from visionray.specs import DataSpec, EvalPreset
+
+
+Source = Callable[..., DataSplits]  # (DataSpec, EvalPreset | None) -> DataSplits
+_SOURCES: dict[str, Source] = {}
+
+
+def register_source(name: str) -> Callable[[Source], Source]:
+    def add(fn: Source) -> Source:
+        _SOURCES[name] = fn
+        return fn
+    return add
+
+
+def list_sources() -> list[str]:
+    return sorted(_SOURCES)
+
+
+def load_splits(spec: DataSpec, preset: EvalPreset | None = None) -> DataSplits:
+    """Load a source in memory and split it. ``preset`` fixes size and channels (a checkpoint's);
+    without it they come from the spec, or from the source when the spec leaves channels open."""
+    try:
+        fn = _SOURCES[spec.source]
+    except KeyError:
+        raise DataError(f"unknown data source {spec.source!r}; valid: {', '.join(list_sources())}") from None
+    splits = fn(spec, preset)
+    if spec.limit is not None and len(splits.train) > spec.limit:
+        splits = DataSplits(splits.train.subset(limit_indices(len(splits.train), spec.limit, spec.split_seed)),
+                            splits.val, splits.classes)
+    return splits
+
+
+def _finish(images: torch.Tensor, labels: np.ndarray | torch.Tensor, classes: list[str], spec: DataSpec,
+            preset: EvalPreset | None) -> DataSplits:
+    """Convert channels, resize with the preset's own resize, then split off validation."""
+    images = to_channels(images, preset.channels if preset else spec.channels)
+    images = resize_all(images, preset.image_size if preset else spec.image_size)
+    arrays = ImageArrays(images.contiguous(), torch.as_tensor(labels, dtype=torch.long))
+    train_idx, val_idx = split_indices(len(arrays), spec.val_fraction, spec.split_seed)
+    return DataSplits(arrays.subset(train_idx), arrays.subset(val_idx), classes)
+
+
+def to_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
+    c = images.shape[1]
+    if channels is None or channels == c:
+        return images
+    if channels == 3 and c == 1:
+        return images.expand(-1, 3, -1, -1)
+    if channels == 1 and c == 3:  # ITU-R 601-2 luma, as Pillow's convert("L")
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * w).sum(1, keepdim=True).round().clamp(0, 255).to(torch.uint8)
+    raise DataError(f"cannot convert {c}-channel images to {channels} channels")
+
+
+def resize_all(images: torch.Tensor, size: int) -> torch.Tensor:
+    if images.shape[-2:] == (size, size):
+        return images
+    return torch.cat([resize_to(size)(chunk) for chunk in images.split(4096)])
+
+
+@register_source("digits")
+def _digits(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, values 0..16): offline."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = torch.from_numpy(np.round(d.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
+    return _finish(images, d.target, [str(c) for c in d.target_names], spec, preset)
+
+
+@register_source("synthetic")
+def _synthetic(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
+    """Random images with a per-class mean colour (learnable), for throughput work."""
+    c = (preset.channels if preset else spec.channels) or 3
+    size = preset.image_size if preset else spec.image_size
+    g = torch.Generator().manual_seed(spec.split_seed)
+    labels = torch.randint(0, spec.num_classes, (spec.num_samples,), generator=g)
+    centres = torch.randint(40, 216, (spec.num_classes, c, 1, 1), generator=g)
+    noise = torch.randint(-40, 40, (spec.num_samples, c, size, size), generator=g)
+    images = (centres[labels] + noise).clamp(0, 255).to(torch.uint8)
+    return _finish(images, labels, [f"class_{i}" for i in range(spec.num_classes)], spec, preset)
+
+
+_TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+
+
+def torchvision_arrays(spec: DataSpec, train: bool) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    import torchvision
+
+    root = Path(spec.root or defaults.CACHE_DIR / "torchvision").expanduser()
+    cls = getattr(torchvision.datasets, _TORCHVISION[spec.source])
+    try:
+        ds = cls(str(root), train=train, download=spec.download)
+    except Exception as exc:  # torchvision raises RuntimeError (missing) or URLError/OSError (download)
+        hint = "set data.download: true where the network allows" if not spec.download else "the download failed"
+        raise DataError(
+            f"{spec.source}: no usable copy under data.root={str(root)!r} ({exc}); {hint}, "
+            f"or put the files there"
+        ) from None
+    data = torch.as_tensor(np.asarray(ds.data))
+    images = data.permute(0, 3, 1, 2) if data.ndim == 4 else data.unsqueeze(1)
+    return images, np.asarray(ds.targets), list(ds.classes)
+
+
+def _torchvision_source(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
+    images, labels, classes = torchvision_arrays(spec, train=True)
+    return _finish(images, labels, classes, spec, preset)
+
+
+for _name in _TORCHVISION:
+    register_source(_name)(_torchvision_source)
+
+
+@register_source("imagefolder")
+def _imagefolder(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
+    """A directory (or archive) of class folders; ``train``/``val`` subfolders are used as given.
+    The split and ``limit`` are decided on the file list, so only the images used are decoded."""
+    channels = (preset.channels if preset else spec.channels) or 3
+    size = preset.image_size if preset else spec.image_size
+    files = folder_files(spec)
+    return DataSplits(decode_files(files.train, files.train_labels, channels, size),
+                      decode_files(files.val, files.val_labels, channels, size), files.classes)
