@@ -35,7 +35,7 @@ def images_per_s(batches, max_images: int) -> float:
 
 
 def step_rate(worker, batches: list, steps: int) -> float:
-    from visionray.train import train_one_epoch
+    from visionray.train.epoch import train_one_epoch
 
     train_one_epoch(worker.model, batches[:1], worker.optimizer, worker.scheduler, worker.scaler, worker.criterion, worker.rt, None)
     out = train_one_epoch(worker.model, batches[:steps], worker.optimizer, worker.scheduler, worker.scaler,
@@ -44,9 +44,9 @@ def step_rate(worker, batches: list, steps: int) -> float:
 
 
 def measure(recipe: str, limit: int, gpu: bool, steps: int) -> list[dict]:
-    from visionray.data import iter_stream, streaming_datasets
+    from visionray.data.streaming import iter_stream, streaming_datasets
     from visionray.specs import load_spec
-    from visionray.train import Worker
+    from visionray.train.worker import Worker
     from visionray.transforms import train_transform
 
     overrides = [f"data.limit={limit}", f"scaling.gpu={str(gpu).lower()}", "scaling.workers=1", "scaling.compile=false"]

@@ -26,7 +26,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from soak import free_port  # noqa: E402  (benchmarks/soak.py)
 
-from visionray.checkpoint import versions  # noqa: E402
+from visionray.checkpoint import versions
 from visionray.serve.client import loadtest  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

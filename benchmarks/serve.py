@@ -142,14 +142,14 @@ def load(url: str, images: list[tuple[str, bytes, str]], concurrency: int, durat
 
 
 def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    from visionray import registry as reg
+    from visionray.registry.registry import Registry
     from visionray.serve.app import build_app
-    from visionray.serve.model import Predictor
+    from visionray.serve.predictor import Predictor
 
     arch, kwargs, channels, size = MODELS[key]
     name = key.replace("_", "-")
     registry, public = register_untrained(workdir / key, name, arch, kwargs, channels, size)
-    model, meta = reg.Registry(str(registry)).load(f"{name}@best", public_keys=[public])
+    model, meta = Registry(str(registry)).load(f"{name}@best", public_keys=[public])
     pngs = [encode(photo(size, seed=s, mode="RGB" if channels == 3 else "L"), "PNG") for s in range(8)]
     images = [(f"{s}.png", data, "image/png") for s, data in enumerate(pngs)]
     row: dict[str, Any] = {"model": key, "architecture": arch, "kwargs": kwargs, "input": [channels, size, size],

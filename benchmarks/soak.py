@@ -58,20 +58,21 @@ def register_untrained(root: Path, name: str, arch: str, kwargs: dict[str, Any],
     fresh key pair. Returns (registry root, public key)."""
     import torch
 
-    from visionray import registry as reg
+    from visionray.registry.keys import generate_keys
+    from visionray.registry.registry import Registry
     from visionray.checkpoint import save_checkpoint
     from visionray.models import create_model
     from visionray.specs import EvalPreset, TrainSpec
 
     torch.manual_seed(seed)
-    private, public = reg.generate_keys(root / "keys" / "signer")
+    private, public = generate_keys(root / "keys" / "signer")
     preset = EvalPreset(image_size=size, channels=channels, mean=[0.5] * channels, std=[0.25] * channels)
     ckpt = root / "ckpt" / name
     save_checkpoint(ckpt, create_model(arch, num_classes, channels, size, **kwargs), spec=TrainSpec(),
                     model_name=arch, model_kwargs=kwargs, classes=[f"c{i}" for i in range(num_classes)],
                     preset=preset, metrics={}, epoch=0)
     registry = root / "registry"
-    reg.Registry(str(registry)).register(ckpt, name, alias="best", private_key=private)
+    Registry(str(registry)).register(ckpt, name, alias="best", private_key=private)
     return registry, public
 
 

@@ -44,7 +44,7 @@ def steady(epoch_s: list[float]) -> float:
 
 
 def plain_epochs(spec, rank: int = 0, world: int = 1, wrap=lambda m: m) -> list[float]:
-    from visionray.train import Worker
+    from visionray.train.worker import Worker
 
     device = torch.device("cuda", rank % max(torch.cuda.device_count(), 1)) if spec.scaling.gpu else torch.device("cpu")
     worker = Worker(spec, rank, world, device, wrap=wrap)
@@ -79,7 +79,7 @@ def torchrun_epochs(epochs: int, gpu: bool, threads: int, samples: int) -> list[
 
 
 def ray_epochs(workers: int, epochs: int, gpu: bool, samples: int) -> list[float]:
-    from visionray.train import fit_with_progress
+    from visionray.train.driver import fit_with_progress
 
     times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:

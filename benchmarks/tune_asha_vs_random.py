@@ -25,8 +25,9 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from visionray import tune as vtune
-from visionray.train import init_ray
+from visionray.tune.run import TrialRow, run_search
+from visionray.tune.spec import load_search_spec
+from visionray.cluster.local import init_ray
 
 REPO = Path(__file__).resolve().parents[1]
 console = Console()
@@ -43,19 +44,19 @@ def run(spec_path: Path, scheduler: str, args: argparse.Namespace, storage: str)
                          f"reduction_factor: {args.reduction}}}")
     else:  # every trial trains all its epochs
         overrides += ["scheduler={name: fifo}", f"base.optim.epochs={args.max_epochs}"]
-    spec = vtune.load_search_spec(spec_path, overrides)
+    spec = load_search_spec(spec_path, overrides)
     events: list[dict[str, Any]] = []  # one per reported epoch: seconds since start, trial, epoch, value
     seen: dict[str, int] = {}
     start = time.monotonic()
 
-    def on_update(rows: list[vtune.TrialRow]) -> None:
+    def on_update(rows: list[TrialRow]) -> None:
         now = time.monotonic() - start
         for r in rows:
             if r.epoch > seen.get(r.trial_id, 0) and r.value is not None:
                 seen[r.trial_id] = r.epoch
                 events.append({"t": now, "trial": r.trial_id, "epoch": r.epoch, "value": r.value})
 
-    outcome = vtune.run_search(spec, on_update=on_update)
+    outcome = run_search(spec, on_update=on_update)
     wall = time.monotonic() - start
     configs = {t.trial_id: t.params for t in outcome.trials}
     return {

@@ -17,7 +17,7 @@ def ray_cluster():
     and Serve replicas fit on a 2-core CI box)."""
     import ray
 
-    from visionray.train import init_ray, local_cluster_env
+    from visionray.cluster.local import init_ray, local_cluster_env
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     # Workers import functions defined in test modules by name: put tests/ on their path.

@@ -25,8 +25,10 @@ import httpx
 import pytest
 import yaml
 
-from visionray import jobs
-from visionray.specs import SpecError
+from visionray.cluster.client import JobsError, check_token_transport
+from visionray.cluster.jobs import detect_kind, prepare, submission_id
+from visionray.registry.keys import generate_keys
+from visionray.spec_io import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -111,13 +113,13 @@ def test_rays_validation_catches_broken_cluster_configs(path, value, message):
      ("serve/classifier.yaml", "serve")],
 )
 def test_kind_of_spec(spec, kind):
-    from visionray.specs import read_yaml
+    from visionray.spec_io import read_yaml
 
-    assert jobs.detect_kind(read_yaml(REPO / spec)) == kind
+    assert detect_kind(read_yaml(REPO / spec)) == kind
 
 
 def test_train_plan_ships_the_package_and_runs_visionray_train(tmp_path):
-    plan = jobs.prepare(REPO / "jobs" / "quickstart.yaml", project=REPO, storage=str(tmp_path),
+    plan = prepare(REPO / "jobs" / "quickstart.yaml", project=REPO, storage=str(tmp_path),
                         overrides=["optim.epochs=2"], registry="s3://bucket/registry")
     assert plan.kind == "train" and plan.name == "quickstart"
     assert plan.entrypoint == (f"python -m visionray.cli train jobs/quickstart.yaml --set optim.epochs=2 "
@@ -129,7 +131,7 @@ def test_train_plan_ships_the_package_and_runs_visionray_train(tmp_path):
     assert {"jobs/quickstart.yaml", "tune/quickstart.yaml", "platform/visionray/train.py"} <= shipped
     assert not [f for f in shipped if f.startswith((".git/", ".venv/", "runs/", "tests/"))]
     assert plan.upload.total < plan.upload.limit == 512 * 2**20  # Ray's GCS_STORAGE_MAX_SIZE
-    assert jobs.submission_id(plan).startswith("visionray-train-quickstart-")
+    assert submission_id(plan).startswith("visionray-train-quickstart-")
 
 
 def test_serve_plan_deploys_detached(tmp_path):
@@ -138,7 +140,7 @@ def test_serve_plan_deploys_detached(tmp_path):
     project = _copy_project(tmp_path)
     (project / "serve").mkdir()
     (project / "serve" / "cluster.yaml").write_text(yaml.safe_dump(config))
-    plan = jobs.prepare(project / "serve" / "cluster.yaml", project=project, extra_args=["--host", "0.0.0.0"])
+    plan = prepare(project / "serve" / "cluster.yaml", project=project, extra_args=["--host", "0.0.0.0"])
     assert plan.kind == "serve"
     assert plan.entrypoint == "python -m visionray.cli serve serve/cluster.yaml --detach --host 0.0.0.0"
 
@@ -166,24 +168,24 @@ def test_serve_plan_deploys_detached(tmp_path):
     ],
 )
 def test_prepare_refuses_what_would_not_work_on_a_cluster(spec, kwargs, message):
-    with pytest.raises(jobs.JobsError) as info:
-        jobs.prepare(REPO / spec, project=REPO, **kwargs)
+    with pytest.raises(JobsError) as info:
+        prepare(REPO / spec, project=REPO, **kwargs)
     assert message in "\n".join(info.value.lines)
 
 
 def test_unnamed_registry_is_left_to_the_cluster_with_a_warning():
-    plan = jobs.prepare(REPO / "jobs" / "quickstart.yaml", project=REPO, storage="/mnt/runs",
+    plan = prepare(REPO / "jobs" / "quickstart.yaml", project=REPO, storage="/mnt/runs",
                         overrides=["register.name=digits"])
     assert plan.warnings == ["register.registry is unset and no --registry was given: the cluster's "
                              "$VISIONRAY_REGISTRY decides; without it the model would land in the job's temporary directory"]
-    plan = jobs.prepare(REPO / "jobs" / "quickstart.yaml", project=REPO, storage="/mnt/runs",
+    plan = prepare(REPO / "jobs" / "quickstart.yaml", project=REPO, storage="/mnt/runs",
                         overrides=["register.name=digits"], registry="gs://bucket/registry")
     assert plan.warnings == [] and plan.runtime_env["env_vars"] == {"VISIONRAY_REGISTRY": "gs://bucket/registry"}
 
 
 def test_prepare_reports_spec_errors_by_field():
     with pytest.raises(SpecError) as info:
-        jobs.prepare(REPO / "jobs" / "quickstart.yaml", project=REPO, storage="/mnt/runs", overrides=["optim.epochs=0"])
+        prepare(REPO / "jobs" / "quickstart.yaml", project=REPO, storage="/mnt/runs", overrides=["optim.epochs=0"])
     assert any(line.startswith("optim.epochs:") for line in info.value.errors)
 
 
@@ -230,10 +232,9 @@ def test_upload_over_rays_limit_is_refused_naming_the_largest_paths(tmp_path):
 
 @pytest.mark.parametrize("ignore_gitignore", ["0", "1"])
 def test_submit_refuses_to_upload_private_keys_and_names_them(tmp_path, ignore_gitignore):
-    from visionray import registry as vreg
 
     project = _copy_project(tmp_path)
-    vreg.generate_keys(project / "keys" / "signer")  # excluded by name: never shipped
+    generate_keys(project / "keys" / "signer")  # excluded by name: never shipped
     (project / "deploy.pem").write_text("-----BEGIN CERTIFICATE-----\n")
     (project / ".env").write_text("AWS_SECRET_ACCESS_KEY=x\n")
     (project / "jobs" / "notes.txt").write_bytes((project / "keys" / "signer.key").read_bytes())  # a key by content
@@ -248,7 +249,7 @@ def test_submit_refuses_to_upload_private_keys_and_names_them(tmp_path, ignore_g
     out = _cli("submit", str(project / "jobs" / "quickstart.yaml"), "--project-dir", str(project),
                "--storage", str(tmp_path / "runs"), "--dry-run", env=env)
     assert out.returncode == 0, out.stderr
-    from visionray.jobs import measure_upload
+    from visionray.cluster.upload import measure_upload
 
     os.environ["RAY_RUNTIME_ENV_IGNORE_GITIGNORE"] = ignore_gitignore
     try:
@@ -264,13 +265,12 @@ def test_submit_refuses_to_upload_private_keys_and_names_them(tmp_path, ignore_g
     ("https://head.internal:8265", False, True), ("http://head.internal:8265", True, True),
 ])
 def test_the_token_goes_over_plain_http_only_to_loopback_or_with_the_flag(url, insecure, allowed):
-    from visionray import jobs
 
     if allowed:
-        jobs.check_token_transport(url, insecure)
+        check_token_transport(url, insecure)
     else:
-        with pytest.raises(jobs.JobsError, match="plain http") as e:
-            jobs.check_token_transport(url, insecure)
+        with pytest.raises(JobsError, match="plain http") as e:
+            check_token_transport(url, insecure)
         assert "--insecure-token" in " ".join(e.value.lines)
 
 
@@ -297,7 +297,7 @@ def test_a_loopback_head_asking_for_the_token_gets_it_and_only_in_the_header(tmp
     server = HTTPServer((LOOPBACK, 0), Head)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     script = ("import json, sys; from visionray import jobs; "
-              "print(json.dumps(jobs.auth_headers(sys.argv[1])))")
+              "print(json.dumps(auth_headers(sys.argv[1])))")
     try:
         out = subprocess.run([sys.executable, "-c", script, f"http://{LOOPBACK}:{server.server_port}"],
                              capture_output=True, text=True, timeout=120,
@@ -579,7 +579,7 @@ def test_kuberay_manifests_match_the_pins_and_serve_config_validates(tmp_path):
 
 
 def test_tune_plan_runs_visionray_tune(tmp_path):
-    plan = jobs.prepare(REPO / "tune" / "quickstart.yaml", project=REPO, storage=str(tmp_path),
+    plan = prepare(REPO / "tune" / "quickstart.yaml", project=REPO, storage=str(tmp_path),
                         overrides=["search.num_samples=2"])
     assert plan.kind == "tune" and plan.name == "quickstart-search"
     assert plan.entrypoint == (f"python -m visionray.cli tune tune/quickstart.yaml --set search.num_samples=2 "

@@ -8,7 +8,7 @@ import torch
 
 from visionray.models import tta_logits
 from visionray.specs import EvalPreset, TrainSpec, load_spec
-from visionray.train import Worker
+from visionray.train.worker import Worker
 from visionray.transforms import BatchFlipCrop, eval_transform, normalize_batch
 
 PRESET = EvalPreset(image_size=12, channels=3, mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25])
@@ -44,7 +44,7 @@ def test_batched_flip_only_mirrors():
 def test_alternating_flips_mirror_each_image_every_other_epoch():
     """airbench94's alternating flip: a seeded coin per image of the split, flipped in odd epochs;
     the same coins on every worker (indices are the split's), whatever the worker's generator."""
-    from visionray.specs import FlipCropOp
+    from visionray.ops import FlipCropOp
     from visionray.transforms import batch_augment
 
     x = normalize_batch(PRESET, _images(40))
@@ -65,7 +65,7 @@ def test_alternating_flips_mirror_each_image_every_other_epoch():
 
 def test_onecycle_shape_is_airbench94s_triangle():
     from visionray.specs import OptimSpec
-    from visionray.train import lr_factor
+    from visionray.train.optim import lr_factor
 
     default = lr_factor(OptimSpec(epochs=4), steps_per_epoch=25)  # 100 steps: 0 -> 1 at step 25 -> 0
     assert [default(s) for s in (0, 25, 100)] == [0.0, 1.0, 0.0] and default(50) == pytest.approx(2 / 3)
@@ -146,7 +146,7 @@ def test_serving_applies_the_checkpoints_tta_like_evaluate(tmp_path):
     from visionray.checkpoint import CheckpointError, load_model, save_checkpoint
     from visionray.evaluate import predict_logits
     from visionray.models import create_model
-    from visionray.serve.model import Predictor
+    from visionray.serve.predictor import Predictor
 
     torch.manual_seed(0)
     model = create_model("convnet", 10, 3, 12, depth=2, width=8)
@@ -173,7 +173,7 @@ def test_airbench_net_follows_airbench94():
     ``optim.norm_bias_lr_scale`` putting the norm biases in their own group at 64x lr."""
     from visionray.models import create_model
     from visionray.specs import OptimSpec
-    from visionray.train import build_optimizer
+    from visionray.train.optim import build_optimizer
 
     model = create_model("airbench", 10, 3, 32, width=32)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
@@ -197,7 +197,7 @@ def test_lookahead_pulls_weights_to_their_running_average():
     """every 2 steps: average <- keep * average + (1 - keep) * weights, then weights <- average;
     after the last step (5) the weights are the average."""
     from visionray.specs import LookaheadSpec
-    from visionray.train import Lookahead
+    from visionray.train.optim import Lookahead
 
     model = torch.nn.Linear(1, 1, bias=False)
     torch.nn.init.zeros_(model.weight)

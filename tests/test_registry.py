@@ -21,11 +21,16 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from visionray import registry as vreg
-from visionray.checkpoint import MODEL_FILE, CheckpointError, save_checkpoint
+from visionray.registry.aliases import sign_alias
+from visionray.registry.keys import generate_keys, key_fingerprint, public_key_of
+from visionray.registry.layout import ENV_ALLOW_UNSIGNED, ENV_REGISTRY, ENV_SIGNING_KEY, ENV_VERIFY_KEYS, SIGNATURE_FILE, VERSION_FILES
+from visionray.registry.registry import check_alias, parse_ref
+from visionray.registry.signing import load_dir, sign_dir
+from visionray.checkpoint import CheckpointError, MODEL_FILE, save_checkpoint
 from visionray.cli import app
 from visionray.models import create_model
-from visionray.registry import ModelVersion, Registry, RegistryError, VerificationError
+from visionray.registry.registry import ModelVersion, Registry
+from visionray.registry.layout import RegistryError, VerificationError
 from visionray.specs import TrainSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +39,7 @@ CLASSES = [str(i) for i in range(10)]
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for var in (vreg.ENV_REGISTRY, vreg.ENV_SIGNING_KEY, vreg.ENV_VERIFY_KEYS, vreg.ENV_ALLOW_UNSIGNED):
+    for var in (ENV_REGISTRY, ENV_SIGNING_KEY, ENV_VERIFY_KEYS, ENV_ALLOW_UNSIGNED):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -51,7 +56,7 @@ def make_checkpoint(directory: Path, seed: int = 0, val_acc: float = 0.5) -> tup
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     d = tmp_path_factory.mktemp("keys")
-    return {k: vreg.generate_keys(d / k) for k in ("a", "b")}
+    return {k: generate_keys(d / k) for k in ("a", "b")}
 
 
 @pytest.fixture(scope="module")
@@ -79,12 +84,12 @@ def logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 def test_generate_keys_writes_private_key_0600_and_refuses_to_overwrite(tmp_path):
-    private, public = vreg.generate_keys(tmp_path / "k" / "signer")
+    private, public = generate_keys(tmp_path / "k" / "signer")
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     assert b"PRIVATE KEY" in private.read_bytes() and b"PUBLIC KEY" in public.read_bytes()
     with pytest.raises(RegistryError, match="--force"):
-        vreg.generate_keys(tmp_path / "k" / "signer")
-    again, _ = vreg.generate_keys(tmp_path / "k" / "signer", overwrite=True)
+        generate_keys(tmp_path / "k" / "signer")
+    again, _ = generate_keys(tmp_path / "k" / "signer", overwrite=True)
     assert again.read_bytes() != b"" and stat.S_IMODE(again.stat().st_mode) == 0o600
 
 
@@ -104,10 +109,10 @@ def test_round_trip_gives_the_same_logits_and_full_metadata(reg, keys, ckpts):
     assert meta["lineage"]["source_checkpoint"] == str(ckpts[0][0].resolve())
     assert set(meta["registry"]["versions"]) >= {"torch", "ray", "visionray"}
     assert meta["registry"]["name"] == "digits" and meta["registry"]["version"] == 1
-    assert meta["registry"]["signer"] == vreg.key_fingerprint(vreg.public_key_of(keys["a"][0]))
+    assert meta["registry"]["signer"] == key_fingerprint(public_key_of(keys["a"][0]))
     # the weights are the checkpoint's bytes, untouched
     assert (Path(reg.resolve("digits@1").uri) / MODEL_FILE).read_bytes() == (ckpts[0][0] / MODEL_FILE).read_bytes()
-    assert sorted(p.name for p in Path(reg.resolve("digits@1").uri).iterdir()) == sorted(vreg.VERSION_FILES)
+    assert sorted(p.name for p in Path(reg.resolve("digits@1").uri).iterdir()) == sorted(VERSION_FILES)
 
 
 @pytest.mark.parametrize("ref, version", [
@@ -162,7 +167,7 @@ def test_register_needs_a_signing_key_or_the_dev_flag(tmp_path, ckpts, monkeypat
     with pytest.raises(RegistryError, match="not an unencrypted PEM private key"):
         r.register(ckpts[0][0], "digits", private_key=ckpts[0][0] / "metadata.json")
     assert r.list() == []
-    monkeypatch.setenv(vreg.ENV_ALLOW_UNSIGNED, "1")
+    monkeypatch.setenv(ENV_ALLOW_UNSIGNED, "1")
     mv = r.register(ckpts[0][0], "digits")
     assert not mv.signed
     with pytest.raises(VerificationError, match="unsigned"):
@@ -170,13 +175,13 @@ def test_register_needs_a_signing_key_or_the_dev_flag(tmp_path, ckpts, monkeypat
 
 
 def test_signing_and_verify_keys_come_from_the_environment(tmp_path, keys, ckpts, monkeypatch):
-    monkeypatch.setenv(vreg.ENV_REGISTRY, str(tmp_path / "envreg"))
-    monkeypatch.setenv(vreg.ENV_SIGNING_KEY, str(keys["a"][0]))
+    monkeypatch.setenv(ENV_REGISTRY, str(tmp_path / "envreg"))
+    monkeypatch.setenv(ENV_SIGNING_KEY, str(keys["a"][0]))
     mv = Registry().register(ckpts[0][0], "digits")
     assert mv.uri == str(tmp_path / "envreg" / "digits" / "v1") and mv.signed
     with pytest.raises(VerificationError, match="--public-key or set VISIONRAY_VERIFY_KEYS"):
         Registry().load("digits")
-    monkeypatch.setenv(vreg.ENV_VERIFY_KEYS, os.pathsep.join([str(keys["b"][1]), str(keys["a"][1])]))
+    monkeypatch.setenv(ENV_VERIFY_KEYS, os.pathsep.join([str(keys["b"][1]), str(keys["a"][1])]))
     model, meta = Registry().load("digits")
     assert meta["registry"]["version"] == 1
 
@@ -208,12 +213,12 @@ def _edit_classes(v: Path, reg: Registry) -> None:
 
 
 def _delete_signature(v: Path, reg: Registry) -> None:
-    (v / vreg.SIGNATURE_FILE).unlink()
+    (v / SIGNATURE_FILE).unlink()
 
 
 def _sign_with_other_key(v: Path, reg: Registry, keys=None) -> None:
-    (v / vreg.SIGNATURE_FILE).unlink()
-    vreg.sign_dir(v, reg._other_key)
+    (v / SIGNATURE_FILE).unlink()
+    sign_dir(v, reg._other_key)
 
 
 def _add_pickle(v: Path, reg: Registry) -> None:
@@ -233,12 +238,12 @@ def _swap_weights_from_v1(v: Path, reg: Registry) -> None:
 
 
 def _swap_whole_version_from_v1(v: Path, reg: Registry) -> None:
-    for f in vreg.VERSION_FILES:
+    for f in VERSION_FILES:
         shutil.copyfile(Path(reg.resolve("digits@1").uri) / f, v / f)
 
 
 def _corrupt_signature(v: Path, reg: Registry) -> None:
-    (v / vreg.SIGNATURE_FILE).write_text("{not json")
+    (v / SIGNATURE_FILE).write_text("{not json")
 
 
 TAMPER = [
@@ -289,14 +294,14 @@ def test_a_private_key_is_not_a_verifying_key(reg, keys):
 
 def test_export_copies_a_verifiable_signed_model(reg, keys, tmp_path):
     out = reg.export("digits@best", tmp_path / "exported", public_keys=[keys["a"][1]])
-    assert sorted(p.name for p in out.iterdir()) == sorted(vreg.VERSION_FILES)
-    model, meta = vreg.load_dir(out, [keys["a"][1]])
+    assert sorted(p.name for p in out.iterdir()) == sorted(VERSION_FILES)
+    model, meta = load_dir(out, [keys["a"][1]])
     assert meta["registry"]["version"] == 1
     with pytest.raises(RegistryError, match="not empty"):
         reg.export("digits@best", out, public_keys=[keys["a"][1]])
     _edit_classes(out, reg)
     with pytest.raises(VerificationError, match="metadata.json changed since signing"):
-        vreg.load_dir(out, [keys["a"][1]])
+        load_dir(out, [keys["a"][1]])
 
 
 # --------------------------------------------------------------------------- stores
@@ -349,7 +354,7 @@ def test_unknown_uri_scheme_is_a_clear_error():
 WRITER = textwrap.dedent("""
     import json, sys
     import pyarrow.fs as pafs
-    from visionray.registry import Registry
+    from visionray.registry.registry import Registry
     root, kind, ckpt, key, writer, n = sys.argv[1:7]
     fs = pafs.SubTreeFileSystem(root, pafs.LocalFileSystem()) if kind == "object" else None
     reg = Registry("models" if fs else root, filesystem=fs)
@@ -366,7 +371,8 @@ WRITER = textwrap.dedent("""
 READER = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    from visionray.registry import Registry, VERSION_FILES
+    from visionray.registry.registry import Registry
+    from visionray.registry.layout import VERSION_FILES
     root, stop = sys.argv[1:3]
     reg = Registry(root)
     seen, checks = set(), 0
@@ -494,7 +500,7 @@ def test_cli_bad_input_exits_2_with_a_message(reg, tmp_path, args, message):
 
 
 def test_cli_evaluate_verifies_registered_models(reg, keys):
-    env = {vreg.ENV_VERIFY_KEYS: str(keys["a"][1])}
+    env = {ENV_VERIFY_KEYS: str(keys["a"][1])}
     res = cli("evaluate", "digits@best", "--registry", reg.root, "--json", env=env)
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["checkpoint"] == "digits@v1" and json.loads(res.stdout)["count"] > 0
@@ -509,7 +515,7 @@ def test_cli_evaluate_verifies_registered_models(reg, keys):
 def test_register_after_run_uses_the_spec_and_fails_cleanly(tmp_path, keys, ckpts):
     import typer
 
-    from visionray.cli_registry import register_after_run
+    from visionray.cli.registry import register_after_run
     from visionray.specs import RegisterSpec
 
     spec = RegisterSpec(name="digits", alias="best", registry=str(tmp_path / "r"), signing_key=str(keys["a"][0]))
@@ -526,7 +532,7 @@ def test_register_after_run_uses_the_spec_and_fails_cleanly(tmp_path, keys, ckpt
 def test_check_registration_fails_before_a_run_without_a_usable_key(tmp_path, keys, monkeypatch):
     import typer
 
-    from visionray.cli_registry import check_registration
+    from visionray.cli.registry import check_registration
     from visionray.specs import RegisterSpec
 
     check_registration(RegisterSpec(name="digits", registry=str(tmp_path), signing_key=str(keys["a"][0])))
@@ -535,7 +541,7 @@ def test_check_registration_fails_before_a_run_without_a_usable_key(tmp_path, ke
     assert exc.value.exit_code == 2
     with pytest.raises(typer.Exit):
         check_registration(RegisterSpec(name="digits", signing_key=str(keys["a"][1])))  # a public key
-    monkeypatch.setenv(vreg.ENV_SIGNING_KEY, str(keys["a"][0]))
+    monkeypatch.setenv(ENV_SIGNING_KEY, str(keys["a"][0]))
     check_registration(RegisterSpec(name="digits", registry=str(tmp_path)))
 
 
@@ -616,7 +622,7 @@ def test_a_repointed_alias_is_refused_when_loading_by_it(reg, keys, attack, mess
         record = json.loads((aliases / "production").read_text())
         (aliases / "production").write_text(json.dumps({**record, "version": 1}))
     else:
-        (aliases / "production").write_text(vreg.sign_alias("digits", "production", 1, keys["b"][0]).model_dump_json())
+        (aliases / "production").write_text(sign_alias("digits", "production", 1, keys["b"][0]).model_dump_json())
     for attempt in (lambda: reg.load("digits@production", [keys["a"][1]]),
                     lambda: reg.verify("digits@production", [keys["a"][1]])):
         with pytest.raises(VerificationError, match=message):
@@ -632,9 +638,9 @@ def test_promote_needs_the_signing_key(reg, keys):
 
 
 @pytest.mark.parametrize("attempt", [
-    lambda: vreg.parse_ref("digits\n"),
-    lambda: vreg.parse_ref("digits@best\n"),
-    lambda: vreg.check_alias("best\n"),
+    lambda: parse_ref("digits\n"),
+    lambda: parse_ref("digits@best\n"),
+    lambda: check_alias("best\n"),
     lambda: Registry("/nonexistent").list("digits\n"),
 ])
 def test_names_and_aliases_with_a_trailing_newline_are_refused(attempt):
@@ -644,14 +650,14 @@ def test_names_and_aliases_with_a_trailing_newline_are_refused(attempt):
 
 def test_serving_unsigned_needs_the_config_flag_and_the_environment(reg, keys, ckpts, monkeypatch, caplog):
     from visionray.serve.config import load_serve_spec
-    from visionray.serve.model import UnsignedRefused, resolve_source
+    from visionray.serve.predictor import UnsignedRefused, resolve_source
 
     unsigned = load_serve_spec({"checkpoint": str(ckpts[0][0]), "allow_unsigned": True})
     with pytest.raises(UnsignedRefused, match="together with VISIONRAY_ALLOW_UNSIGNED=1"):
         resolve_source(unsigned)  # the config alone
     (Path(reg.uri) / "digits" / "aliases" / "production").write_text("1\n")  # an unsigned alias
     signed_only = load_serve_spec({"model": "digits@production", "registry": reg.root, "public_keys": [str(keys["a"][1])]})
-    monkeypatch.setenv(vreg.ENV_ALLOW_UNSIGNED, "1")
+    monkeypatch.setenv(ENV_ALLOW_UNSIGNED, "1")
     with pytest.raises(VerificationError, match="is not signed"):
         resolve_source(signed_only)  # the environment alone
     assert resolve_source(unsigned).allow_unsigned is True  # both

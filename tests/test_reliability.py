@@ -22,11 +22,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from visionray import registry as vreg
+from visionray.registry.keys import generate_keys, key_fingerprint, public_key_of
+from visionray.registry.layout import ENV_ALLOW_UNSIGNED, ENV_REGISTRY, ENV_SIGNING_KEY, ENV_VERIFY_KEYS, SIGNATURE_FILE, VERSION_FILES
+from visionray.registry.signing import load_dir
 from visionray.checkpoint import METADATA_FILE, MODEL_FILE, save_checkpoint
 from visionray.cli import app
 from visionray.models import create_model
-from visionray.registry import Registry, RegistryError
+from visionray.registry.registry import Registry
+from visionray.registry.layout import RegistryError
 from visionray.specs import TrainSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +39,7 @@ runner = CliRunner()
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch):
-    for var in (vreg.ENV_REGISTRY, vreg.ENV_SIGNING_KEY, vreg.ENV_VERIFY_KEYS, vreg.ENV_ALLOW_UNSIGNED,
+    for var in (ENV_REGISTRY, ENV_SIGNING_KEY, ENV_VERIFY_KEYS, ENV_ALLOW_UNSIGNED,
                 "VISIONRAY_DEBUG"):
         monkeypatch.delenv(var, raising=False)
 
@@ -54,7 +57,7 @@ def make_checkpoint(directory: Path, width: int = 8, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory) -> tuple[Path, Path]:
-    return vreg.generate_keys(tmp_path_factory.mktemp("keys") / "signer")
+    return generate_keys(tmp_path_factory.mktemp("keys") / "signer")
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +132,7 @@ def assert_registry_intact(reg: Registry, before, public_key: Path) -> None:
     versions = sorted(p.name for p in model_dir.iterdir() if p.name.startswith("v"))
     assert versions == [f"v{v}" for _, v, _ in before]
     for v in versions:  # each published version holds exactly its three files
-        assert sorted(p.name for p in (model_dir / v).iterdir()) == sorted(vreg.VERSION_FILES)
+        assert sorted(p.name for p in (model_dir / v).iterdir()) == sorted(VERSION_FILES)
 
 
 def test_register_bigger_than_free_space_fails_cleanly_and_publishes_nothing(tmpfs, keys, small, big):
@@ -294,10 +297,10 @@ def test_no_command_prints_or_logs_the_private_key(tmp_path, small, caplog):
     res = run("keys", "generate", str(tmp_path / "k" / "ci"))
     private, public = tmp_path / "k" / "ci.key", tmp_path / "k" / "ci.pub"
     forms = _secret_forms(private)
-    fingerprint = vreg.key_fingerprint(vreg.public_key_of(private))
+    fingerprint = key_fingerprint(public_key_of(private))
     assert fingerprint in " ".join(res.stdout.split())  # the public fingerprint may (and does) appear
     run("keys", "generate", str(tmp_path / "k" / "ci2"), "--json")
-    env = {vreg.ENV_SIGNING_KEY: str(private)}
+    env = {ENV_SIGNING_KEY: str(private)}
     run("models", "register", str(small), "--name", "digits", "--alias", "best", "--registry", reg, env=env)
     run("models", "register", str(small), "--name", "digits", "--registry", reg, "--json", env=env)
     for fmt in ([], ["--json"]):
@@ -347,7 +350,7 @@ def test_a_real_process_with_debug_logging_never_prints_the_key(tmp_path, keys, 
             open(tamper, "w").write("{}")  # after registering: the signed metadata changes
         print("CODES" + json.dumps(codes))
     """)
-    env = {**os.environ, vreg.ENV_SIGNING_KEY: str(keys[0]), vreg.ENV_VERIFY_KEYS: str(keys[1]),
+    env = {**os.environ, ENV_SIGNING_KEY: str(keys[0]), ENV_VERIFY_KEYS: str(keys[1]),
            "VISIONRAY_DEBUG": "1", "COLUMNS": "200"}
     res = subprocess.run([sys.executable, "-c", script, str(reg), str(small), str(reg / "digits" / "v1" / METADATA_FILE)],
                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
@@ -365,7 +368,7 @@ _PROBE = textwrap.dedent("""
     import json, os, socket
     import httpx, ray
     from ray._private.authentication import authentication_utils
-    from visionray.train import init_ray
+    from visionray.cluster.local import init_ray
 
     def ip(hexip):
         b = bytes.fromhex(hexip)
@@ -489,14 +492,14 @@ CORRUPTIONS = {
     "metadata a JSON list": lambda v: (v / METADATA_FILE).write_text("[1, 2]"),
     "metadata not UTF-8": lambda v: (v / METADATA_FILE).write_bytes(b"\xff\xfe\x00garbage"),
     "metadata replaced by a directory": lambda v: ((v / METADATA_FILE).unlink(), (v / METADATA_FILE).mkdir()),
-    "signature deleted": lambda v: (v / vreg.SIGNATURE_FILE).unlink(),
-    "signature emptied": lambda v: (v / vreg.SIGNATURE_FILE).write_text(""),
+    "signature deleted": lambda v: (v / SIGNATURE_FILE).unlink(),
+    "signature emptied": lambda v: (v / SIGNATURE_FILE).write_text(""),
 }
 
 
 @pytest.mark.parametrize("corruption", list(CORRUPTIONS))
 def test_a_version_deleted_or_corrupted_after_listing_gives_a_clean_error(reg, keys, corruption):
-    env = {vreg.ENV_VERIFY_KEYS: str(keys[1])}
+    env = {ENV_VERIFY_KEYS: str(keys[1])}
     listed = cli("models", "list", "--registry", reg.root, "--json")
     assert [v["version"] for v in json.loads(listed.stdout)["versions"]] == [1, 2]
     CORRUPTIONS[corruption](Path(reg.uri) / "digits" / "v2")
@@ -527,11 +530,11 @@ def test_a_version_deleted_or_corrupted_after_listing_gives_a_clean_error(reg, k
 
 def test_a_model_directory_deleted_before_loading_by_path_is_a_clean_error(reg, keys, tmp_path):
     out = reg.export("digits@best", tmp_path / "exported", public_keys=[keys[1]])
-    model, _ = vreg.load_dir(out, [keys[1]])
+    model, _ = load_dir(out, [keys[1]])
     shutil.rmtree(out)
     with pytest.raises(RegistryError, match="not a model directory"):
-        vreg.load_dir(out, [keys[1]])
-    res = cli("evaluate", str(out), "--registry", reg.root, env={vreg.ENV_VERIFY_KEYS: str(keys[1])})
+        load_dir(out, [keys[1]])
+    res = cli("evaluate", str(out), "--registry", reg.root, env={ENV_VERIFY_KEYS: str(keys[1])})
     assert res.exit_code == 2, res.output
     no_traceback(res)
 

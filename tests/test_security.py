@@ -79,12 +79,12 @@ LOAD_PATHS = textwrap.dedent("""
     import asyncio, os, pickle, sys
     from pathlib import Path
     import httpx, torch
-    from visionray import checkpoint as ckpt, registry as vreg, tune as vtune
+    from visionray import checkpoint as ckpt
     from visionray.evaluate import evaluate_checkpoint
     from visionray.models import create_model
     from visionray.serve.api import LocalBackend, make_api
     from visionray.serve.config import load_serve_spec
-    from visionray.serve.model import Predictor
+    from visionray.serve.predictor import Predictor
     from visionray.specs import DataSpec, TrainSpec
 
     tmp = Path(sys.argv[1])
@@ -93,11 +93,11 @@ LOAD_PATHS = textwrap.dedent("""
     ckpt.save_checkpoint(tmp / "ckpt", create_model("convnet", 10, 1, 8, depth=1, width=4), spec=spec, model_name="convnet",
                          model_kwargs={"depth": 1, "width": 4}, classes=[str(i) for i in range(10)],
                          preset=spec.eval_preset(1), metrics={}, epoch=1)
-    private, public = vreg.generate_keys(tmp / "signer")
-    registry = vreg.Registry(str(tmp / "registry"))
+    private, public = generate_keys(tmp / "signer")
+    registry = Registry(str(tmp / "registry"))
     registry.register(tmp / "ckpt", "digits", alias="best", private_key=private)
-    search = vtune.load_search_spec(Path(sys.argv[2]), [f"output.storage={tmp / 'runs'}", "output.name=crafted"])
-    exp = Path(vtune.experiment_dir(search))
+    search = load_search_spec(Path(sys.argv[2]), [f"output.storage={tmp / 'runs'}", "output.name=crafted"])
+    exp = Path(experiment_dir(search))
     exp.mkdir(parents=True)
     (exp / "tuner.pkl").write_bytes(pickle.dumps(__import__("collections").OrderedDict(crafted=True)))  # loading it resolves a global
 
@@ -117,8 +117,8 @@ LOAD_PATHS = textwrap.dedent("""
 
     assert asyncio.run(classify()).status_code == 200                         # serve: sanitizer, decoders, model
     try:
-        vtune.run_search(search, resume=True)                                 # tune resume of a crafted state
-    except vtune.SearchError as exc:
+        run_search(search, resume=True)                                 # tune resume of a crafted state
+    except SearchError as exc:
         assert "not resuming" in str(exc)
     else:
         raise AssertionError("resumed a crafted search")

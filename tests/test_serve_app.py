@@ -24,10 +24,12 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from test_serve_sanitize import HOSTILE, JPEG, MULTI_OK, PNG, encode
-from visionray import registry as reg
+from visionray.registry.keys import generate_keys
+from visionray.registry.layout import VerificationError
+from visionray.registry.registry import Registry
 from visionray.checkpoint import save_checkpoint
 from visionray.cli import app as cli_app
-from visionray.data import list_folder
+from visionray.data.folders import list_folder
 from visionray.evaluate import eval_arrays, evaluate_checkpoint, predict_logits
 from visionray.models import create_model
 from visionray.serve.client import Client, loadtest, read_images
@@ -49,19 +51,20 @@ def free_port() -> int:
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory) -> tuple[Path, Path]:
     prefix = tmp_path_factory.mktemp("keys") / "signer"
-    return reg.generate_keys(prefix)
+    return generate_keys(prefix)
 
 
 @pytest.fixture(scope="session")
 def digits_registry(ray_cluster, tmp_path_factory, keys) -> Path:
     """The quickstart job, 4 epochs on Ray Train, registered (signed) as digits@best."""
-    from visionray.train import best_checkpoint, build_trainer, run_dir
+    from visionray.runs import best_checkpoint, run_dir
+    from visionray.train.driver import build_trainer
 
     runs = tmp_path_factory.mktemp("runs")
     spec = load_spec(REPO / "jobs" / "quickstart.yaml", [f"output.storage={runs}", "optim.epochs=4"])
     build_trainer(spec).fit()
     root = tmp_path_factory.mktemp("registry")
-    reg.Registry(str(root)).register(best_checkpoint(run_dir(spec)), "digits", alias="best", private_key=keys[0])
+    Registry(str(root)).register(best_checkpoint(run_dir(spec)), "digits", alias="best", private_key=keys[0])
     return root
 
 
@@ -121,7 +124,7 @@ def render_digits(root: Path, count: int = 120) -> Path:
 
 def expected_top1(registry: Path, keys, ref: str, folder: Path) -> tuple[list[Path], list[str], float]:
     """Per-file top-1 labels through visionray.evaluate's own path, and its reported accuracy."""
-    model, meta = reg.Registry(str(registry)).load(ref, public_keys=[keys[1]])
+    model, meta = Registry(str(registry)).load(ref, public_keys=[keys[1]])
     files, _, _ = list_folder(folder)
     logits = predict_logits(model, meta, eval_arrays(meta, str(folder)).images)
     ev = evaluate_checkpoint(model, meta, str(folder))
@@ -176,7 +179,7 @@ def test_cifar_jpegs_top1_matches_evaluate(serve_url, cifar_tar, tmp_path, keys)
                     model_name="convnet", model_kwargs={"depth": 2, "width": 8}, classes=classes, preset=preset,
                     metrics={}, epoch=1)
     registry = tmp_path / "registry"
-    reg.Registry(str(registry)).register(ckpt_dir, "cifar", alias="best", private_key=keys[0])
+    Registry(str(registry)).register(ckpt_dir, "cifar", alias="best", private_key=keys[0])
     serve.run(build_app(app_args(registry, keys, model="cifar@best")), name="cifar", route_prefix="/cifar")
     try:
         files, expected, _ = expected_top1(registry, keys, "cifar@best", folder)
@@ -422,7 +425,7 @@ def test_tampered_or_untrusted_models_refuse_to_deploy(serve_url, digits_registr
     from ray import serve
     from ray.serve.api import RunTarget
 
-    from visionray.cli_serve import _deploy_failure
+    from visionray.cli.serve import _deploy_failure
     from visionray.serve.app import build_app
 
     targets = []
@@ -440,8 +443,8 @@ def test_tampered_or_untrusted_models_refuse_to_deploy(serve_url, digits_registr
             meta["classes"][0], meta["classes"][1] = meta["classes"][1], meta["classes"][0]
             (version / "metadata.json").write_text(json.dumps(meta))
         else:  # another key is trusted: the alias record itself is refused when the app is built
-            public = reg.generate_keys(tmp_path / "other")[1]
-            with pytest.raises(reg.VerificationError, match="digits@best: the alias record .* not signed by a trusted key"):
+            public = generate_keys(tmp_path / "other")[1]
+            with pytest.raises(VerificationError, match="digits@best: the alias record .* not signed by a trusted key"):
                 build_app(app_args(root, keys, public_keys=[str(public)]))
             continue
         app = build_app(app_args(root, keys, public_keys=[str(public)], classifier={"max_constructor_retries": 1}))

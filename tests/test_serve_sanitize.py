@@ -24,11 +24,12 @@ from visionray.checkpoint import load_model, save_checkpoint
 from visionray.models import create_model
 from visionray.serve.api import LocalBackend, make_api
 from visionray.serve.config import RateLimitSpec, SanitizerSpec, ServeSpec, load_serve_spec, read_serve_config
-from visionray.serve.model import Predictor
+from visionray.serve.predictor import Predictor
 from visionray.serve.decode import configure_pillow, decode_image, to_model_mode
 from visionray.serve.errors import Rejection
 from visionray.serve.sanitize import RateLimiter, check_type, sniff
-from visionray.specs import EvalPreset, SpecError, TrainSpec
+from visionray.specs import EvalPreset, TrainSpec
+from visionray.spec_io import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = SanitizerSpec()

@@ -9,7 +9,8 @@ import yaml
 from typer.testing import CliRunner
 
 from visionray.cli import app
-from visionray.specs import SpecError, TrainSpec, apply_overrides, load_spec
+from visionray.spec_io import SpecError, apply_overrides
+from visionray.specs import TrainSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()

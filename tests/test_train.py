@@ -10,9 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from visionray import checkpoint as ckpt
-from visionray import train as vtrain
+from visionray.runs import best_checkpoint, completed_epochs, run_dir
+from visionray.train.driver import fit_with_progress
 from visionray.cli import app
-from visionray.data import load_splits
+from visionray.data.sources import load_splits
 from visionray.evaluate import evaluate_checkpoint
 from visionray.specs import load_spec
 
@@ -28,40 +29,40 @@ def _spec(tmp_path: Path, *overrides: str):
 
 
 def _epochs_in_csv(spec) -> list[int]:
-    lines = (Path(vtrain.run_dir(spec)) / "metrics.csv").read_text().splitlines()[1:]
+    lines = (Path(run_dir(spec)) / "metrics.csv").read_text().splitlines()[1:]
     return [int(line.split(",")[0]) for line in lines]
 
 
 def test_quickstart_reaches_95_percent_and_checkpoints_round_trip(ray_cluster, tmp_path):
     spec = _spec(tmp_path)
     reports = []
-    result = vtrain.fit_with_progress(spec, reports.append)
+    result = fit_with_progress(spec, reports.append)
     metrics = [r["metrics"] for r in reports if "metrics" in r]
     assert [m["epoch"] for m in metrics] == list(range(1, spec.optim.epochs + 1))
     assert all(len(r["workers"]) == 2 for r in reports if "metrics" in r)
-    best = vtrain.best_checkpoint(vtrain.run_dir(spec))
+    best = best_checkpoint(run_dir(spec))
     model, meta = ckpt.load_model(best)
     assert meta["metrics"]["val_acc"] >= 0.95
     assert meta["spec"] == spec.model_dump(mode="json", by_alias=True)  # the resolved spec travels along
-    assert len(list(Path(vtrain.run_dir(spec)).glob("checkpoint_*"))) <= spec.checkpoint.keep + 1
+    assert len(list(Path(run_dir(spec)).glob("checkpoint_*"))) <= spec.checkpoint.keep + 1
     # reloaded weights give the logits the evaluation reports, on the held-out split
     ev = evaluate_checkpoint(model, meta, "val")
     assert ev.top1 == pytest.approx(meta["metrics"]["val_acc"], abs=1e-6)
     assert result.checkpoint is not None
     assert _epochs_in_csv(spec) == list(range(1, spec.optim.epochs + 1))
-    assert list((Path(vtrain.run_dir(spec)) / "tensorboard").glob("events.out.tfevents.*"))
+    assert list((Path(run_dir(spec)) / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_same_name_resumes_from_latest_checkpoint(ray_cluster, tmp_path):
     first = _spec(tmp_path, "optim.epochs=2")
-    vtrain.fit_with_progress(first, lambda item: None)
-    assert vtrain.completed_epochs(first) == 2
+    fit_with_progress(first, lambda item: None)
+    assert completed_epochs(first) == 2
     second = _spec(tmp_path, "optim.epochs=4")
     seen = []
-    vtrain.fit_with_progress(second, lambda item: seen.append(item["metrics"]["epoch"]) if "metrics" in item else None)
+    fit_with_progress(second, lambda item: seen.append(item["metrics"]["epoch"]) if "metrics" in item else None)
     assert seen == [3, 4]  # epochs 1-2 were not recomputed
     assert _epochs_in_csv(second) == [1, 2, 3, 4]
-    assert vtrain.completed_epochs(second) == 4
+    assert completed_epochs(second) == 4
 
 
 def test_killed_worker_recovers_and_completes_every_epoch(ray_cluster, tmp_path, kill_train_worker_after):
@@ -70,16 +71,16 @@ def test_killed_worker_recovers_and_completes_every_epoch(ray_cluster, tmp_path,
         tmp_path, "output.name=killed", "optim.epochs=4", "data.source=synthetic", "data.num_samples=6000",
         "data.image_size=32", "data.channels=3", "data.val_fraction=0.1", "augment=[]", "model.width=32",
     )
-    killed = kill_train_worker_after(Path(vtrain.run_dir(spec)), "checkpoint_epoch_0001")
+    killed = kill_train_worker_after(Path(run_dir(spec)), "checkpoint_epoch_0001")
     items = []
-    vtrain.fit_with_progress(spec, items.append)
+    fit_with_progress(spec, items.append)
     assert killed, "no worker was killed"
     assert any("error" in item for item in items), "the controller never saw the worker die"
     epochs = [item["metrics"]["epoch"] for item in items if "metrics" in item]
     assert epochs[-1] == 4 and sorted(set(epochs)) == [1, 2, 3, 4]
     # at most the epoch in flight was recomputed (checkpoints every epoch)
     assert len(epochs) - 4 <= 1
-    assert vtrain.completed_epochs(spec) == 4
+    assert completed_epochs(spec) == 4
 
 
 def test_cli_train_then_evaluate(ray_cluster, tmp_path):
@@ -126,7 +127,7 @@ def test_relative_data_path_means_where_the_command_runs(ray_cluster, tmp_path, 
                                  "--set", "data.channels=1", "--set", "optim.epochs=1", "--set", "output.storage=runs",
                                  "--set", "output.name=relative"])
     assert result.exit_code == 0, result.output
-    _, meta = ckpt.load_model(vtrain.best_checkpoint(str(tmp_path / "runs" / "relative")))
+    _, meta = ckpt.load_model(best_checkpoint(str(tmp_path / "runs" / "relative")))
     assert meta["spec"]["data"]["path"] == str(tmp_path / "imgs") and meta["classes"] == ["dark", "light"]
 
 
@@ -135,8 +136,8 @@ def test_cifar10_job_from_the_shared_tar_scores_unseen_images(ray_cluster, tmp_p
     spec = load_spec(REPO / "jobs" / "cifar10-small.yaml", [
         f"data.path={cifar_tar}", f"output.storage={tmp_path}", "optim.epochs=2", "data.limit=8000", "optim.lr=0.02",
     ])
-    vtrain.fit_with_progress(spec, lambda item: None)
-    model, meta = ckpt.load_model(vtrain.best_checkpoint(vtrain.run_dir(spec)))
+    fit_with_progress(spec, lambda item: None)
+    model, meta = ckpt.load_model(best_checkpoint(run_dir(spec)))
     ev = evaluate_checkpoint(model, meta, "val")
     assert ev.count == 5000 and ev.top1 > 0.15  # above chance (0.1 +- 0.004 on 5,000) after two short epochs
     held_out = load_splits(spec.data).val  # the seeded split training never drew from
@@ -158,12 +159,12 @@ def test_streaming_imagefolder_through_ray_data(ray_cluster, tmp_path):
         "optim.lr=0.64", "augment=[]",
     ])
     reports = []
-    vtrain.fit_with_progress(spec, reports.append)
+    fit_with_progress(spec, reports.append)
     metrics = [r for r in reports if "metrics" in r]
     assert [r["metrics"]["epoch"] for r in metrics] == [1, 2, 3]
     last = metrics[-1]["metrics"]
     seen = last["images_per_s"] * last["epoch_s"]  # images trained on by both workers together
     assert 40 <= round(seen) <= 80  # the training split (about 60 of 80), not twice it
     assert last["val_acc"] > 0.8
-    _, meta = ckpt.load_model(vtrain.best_checkpoint(vtrain.run_dir(spec)))
+    _, meta = ckpt.load_model(best_checkpoint(run_dir(spec)))
     assert meta["classes"] == ["dark", "light"] and meta["eval_preset"]["image_size"] == 16

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from visionray.specs import AUGMENT_OPS, EvalPreset, TrainSpec
+from visionray.ops import AUGMENT_OPS
+from visionray.specs import EvalPreset, TrainSpec
 from visionray.transforms import eval_transform, train_transform
 
 

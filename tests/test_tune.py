@@ -15,8 +15,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from visionray import tune as vtune
-from visionray.specs import SpecError
+from visionray.tune.results import TrialSummary, select_best
+from visionray.tune.run import SearchError, TrialRow, _trainable, build_scheduler, build_search_alg, param_space, run_search
+from visionray.tune.seal import ENV_STATE_KEY_FILE, seal, state_key
+from visionray.tune.spec import BEST_DIR, BEST_JSON, PLOT_PNG, SearchSpec, TRIALS_CSV, TRIALS_JSON, experiment_dir, load_search_spec, trial_spec
+from visionray.spec_io import SpecError
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "tune" / "quickstart.yaml"
@@ -40,13 +43,13 @@ def _base_raw() -> dict:
 
 
 def test_shipped_specs_validate():
-    quick = vtune.load_search_spec(QUICK)
+    quick = load_search_spec(QUICK)
     assert quick.scheduler.name == "asha" and quick.search.num_samples == 8
     assert {"model.depth", "model.width", "augment", "augment.randaugment.m"} <= set(quick.search.space)
-    cifar = vtune.load_search_spec(CIFAR)
+    cifar = load_search_spec(CIFAR)
     assert cifar.resources.gpus_per_worker == 0.25
     assert cifar.base.data.source == "cifar10"
-    pbt = vtune.load_search_spec(REPO / "tune" / "pbt-lr-augment.yaml")
+    pbt = load_search_spec(REPO / "tune" / "pbt-lr-augment.yaml")
     assert pbt.scheduler.name == "pbt" and {"optim.lr", "augment", "augment.randaugment.m"} <= set(pbt.search.space)
 
 
@@ -83,20 +86,20 @@ def test_bad_search_specs_name_the_field(tmp_path, overrides, field):
     raw = _base_raw()
     raw["search"]["policies"] = {"plain": [], "ra": [{"op": "randaugment"}]}
     with pytest.raises(SpecError) as info:
-        vtune.load_search_spec(_write(tmp_path, raw), overrides)
+        load_search_spec(_write(tmp_path, raw), overrides)
     assert any(field in e for e in info.value.errors), info.value.errors
 
 
 def test_a_training_job_is_not_a_search_spec():
     with pytest.raises(SpecError, match="search: missing"):
-        vtune.load_search_spec(REPO / "jobs" / "quickstart.yaml")
+        load_search_spec(REPO / "jobs" / "quickstart.yaml")
 
 
 def test_grid_algorithm_rejects_continuous_axes(tmp_path):
     raw = _base_raw()
     raw["search"] |= {"algorithm": "grid", "space": {"optim.lr": {"uniform": [0.001, 0.01]}}}
     with pytest.raises(SpecError, match="algorithm 'grid'"):
-        vtune.load_search_spec(_write(tmp_path, raw))
+        load_search_spec(_write(tmp_path, raw))
 
 
 def test_broken_spec_exits_2_naming_the_field(tmp_path):
@@ -122,8 +125,8 @@ def test_validate_reports_a_search_spec():
 
 
 def test_trial_spec_applies_values_policies_and_resources():
-    spec = vtune.load_search_spec(QUICK, ["resources.gpus_per_worker=0.25", "resources.workers=2"])
-    t = vtune.trial_spec(
+    spec = load_search_spec(QUICK, ["resources.gpus_per_worker=0.25", "resources.workers=2"])
+    t = trial_spec(
         spec,
         {"model.depth": np.int64(4), "model.width": 8, "optim.lr": 0.01, "augment": "randaugment",
          "augment.randaugment.m": 13},
@@ -135,7 +138,7 @@ def test_trial_spec_applies_values_policies_and_resources():
     assert t.checkpoint.every_epochs == 1 and t.checkpoint.max_failures == 0
     assert t.scaling.workers == 2 and t.scaling.gpu and t.scaling.resources_per_worker == {"GPU": 0.25}
     assert (t.output.storage, t.output.name, t.registration) == ("/tmp/exp/trial_x", "train", None)
-    plain = vtune.trial_spec(spec, {"augment": "none", "augment.randaugment.m": 13}, storage="/tmp/x")
+    plain = trial_spec(spec, {"augment": "none", "augment.randaugment.m": 13}, storage="/tmp/x")
     assert plain.augment == []
 
 
@@ -145,8 +148,8 @@ def test_param_space_and_grid_size(tmp_path):
     raw = _base_raw()
     raw["search"] |= {"num_samples": 2, "space": {
         "model.depth": {"grid": [2, 3, 4]}, "model.width": {"randint": [8, 9]}, "optim.lr": {"loguniform": [1e-3, 1e-1]}}}
-    spec = vtune.load_search_spec(_write(tmp_path, raw))
-    space = vtune.param_space(spec)
+    spec = load_search_spec(_write(tmp_path, raw))
+    space = param_space(spec)
     assert space["model.depth"] == tune.grid_search([2, 3, 4])
     assert (space["model.width"].lower, space["model.width"].upper) == (8, 10)  # inclusive high
     assert spec.expected_trials() == 6
@@ -164,22 +167,22 @@ def test_param_space_and_grid_size(tmp_path):
     ],
 )
 def test_schedulers_and_search_algorithms(overrides, scheduler_cls, searcher_cls):
-    spec = vtune.load_search_spec(QUICK, overrides)
-    scheduler = vtune.build_scheduler(spec)
+    spec = load_search_spec(QUICK, overrides)
+    scheduler = build_scheduler(spec)
     assert type(scheduler).__name__ == scheduler_cls
     assert getattr(scheduler, "_time_attr", "epoch") == "epoch"  # trials restarted mid-run keep counting epochs
-    assert type(vtune.build_search_alg(spec)).__name__ == searcher_cls
+    assert type(build_search_alg(spec)).__name__ == searcher_cls
 
 
 def test_pbt_mutations_cover_the_space_and_trials_hold_their_worker_resources():
-    spec = vtune.load_search_spec(QUICK, [
+    spec = load_search_spec(QUICK, [
         "scheduler={name: pbt, perturbation_interval: 2}", "resources={workers: 1, cpus_per_worker: 1}",
         "search.space={optim.lr: {loguniform: [0.001, 0.1]}, augment: {choice: [none, randaugment]}, "
         "augment.randaugment.m: {randint: [5, 12]}}",
     ])
-    mutations = vtune.build_scheduler(spec)._hyperparam_mutations
+    mutations = build_scheduler(spec)._hyperparam_mutations
     assert set(mutations) == set(spec.search.space) and mutations["augment"] == ["none", "randaugment"]
-    resources = vtune._trainable(spec)._resources  # the trial process runs the loop itself
+    resources = _trainable(spec)._resources  # the trial process runs the loop itself
     assert resources.required_resources == {"CPU": 1.0}
 
 
@@ -189,7 +192,7 @@ def test_restored_worker_keeps_its_own_learning_rate(tmp_path):
     import torch
 
     from visionray.specs import load_spec
-    from visionray.train import Worker
+    from visionray.train.worker import Worker
 
     base = ["data.limit=200", "optim.epochs=3", "optim.lr=0.01", "optim.weight_decay=0.001", "scaling.workers=1"]
     donor = Worker(load_spec(REPO / "jobs" / "quickstart.yaml", base), 0, 1, torch.device("cpu"))
@@ -211,8 +214,8 @@ def test_restored_worker_keeps_its_own_learning_rate(tmp_path):
 # --------------------------------------------------------------------------- best-trial selection
 
 
-def _summary(tid: str, value, params: int, finished: float, status: str = "completed") -> vtune.TrialSummary:
-    return vtune.TrialSummary(
+def _summary(tid: str, value, params: int, finished: float, status: str = "completed") -> TrialSummary:
+    return TrialSummary(
         trial_id=tid, params={}, status=status, epochs=3, best_epoch=2, best_value=value, last_value=value,
         num_params=params, finished_at=finished, checkpoint="/ckpt" if value is not None else None,
         trial_dir="/t", error=None,
@@ -230,16 +233,16 @@ def _summary(tid: str, value, params: int, finished: float, status: str = "compl
     ],
 )
 def test_select_best_is_deterministic(trials, expected):
-    spec = vtune.load_search_spec(QUICK)
-    assert vtune.select_best(spec, trials).trial_id == expected
-    assert vtune.select_best(spec, list(reversed(trials))).trial_id == expected
+    spec = load_search_spec(QUICK)
+    assert select_best(spec, trials).trial_id == expected
+    assert select_best(spec, list(reversed(trials))).trial_id == expected
 
 
 # --------------------------------------------------------------------------- real searches
 
 
-def _search(tmp_path: Path, name: str, overrides: list[str]) -> vtune.SearchSpec:
-    return vtune.load_search_spec(QUICK, [f"output.storage={tmp_path}", f"output.name={name}", *overrides])
+def _search(tmp_path: Path, name: str, overrides: list[str]) -> SearchSpec:
+    return load_search_spec(QUICK, [f"output.storage={tmp_path}", f"output.name={name}", *overrides])
 
 
 @pytest.mark.slow
@@ -256,8 +259,8 @@ def test_quickstart_search_early_stops_and_records_a_loadable_best(ray_cluster, 
         "search.space.optim.lr.grid=[0.02, 0.00001, 0.00002, 0.00003]",
         "scheduler.max_epochs=4", "scheduler.grace_period=1", "scheduler.reduction_factor=2",
     ])
-    updates: list[list[vtune.TrialRow]] = []
-    out = vtune.run_search(spec, on_update=updates.append)
+    updates: list[list[TrialRow]] = []
+    out = run_search(spec, on_update=updates.append)
 
     assert not out.interrupted and len(out.trials) == 4
     assert updates and {r.status for r in updates[-1]} <= {"TERMINATED"}
@@ -268,9 +271,9 @@ def test_quickstart_search_early_stops_and_records_a_loadable_best(ray_cluster, 
     assert out.best is out.trials[0] and out.best.best_value == max(t.best_value for t in out.trials)
 
     exp = Path(out.experiment_dir)
-    for name in (vtune.TRIALS_CSV, vtune.TRIALS_JSON, vtune.PLOT_PNG, vtune.BEST_JSON):
+    for name in (TRIALS_CSV, TRIALS_JSON, PLOT_PNG, BEST_JSON):
         assert (exp / name).stat().st_size > 0, name
-    best = json.loads((exp / vtune.BEST_JSON).read_text())
+    best = json.loads((exp / BEST_JSON).read_text())
     assert best["trial_id"] == out.best.trial_id and best["value"] == out.best.best_value
     # the stopped trials keep checkpoints too (every epoch is checkpointed in trials)
     assert all(t.checkpoint and Path(t.checkpoint).exists() for t in stopped)
@@ -290,8 +293,8 @@ def test_failing_trial_is_retried_and_does_not_stop_the_search(ray_cluster, tmp_
         "search.space.model.name.grid=[convnet, resnet]", "scheduler={name: fifo}",
         "base.optim.epochs=1", "failure.max_retries=1",
     ])
-    rows: list[list[vtune.TrialRow]] = []
-    out = vtune.run_search(spec, on_update=rows.append)
+    rows: list[list[TrialRow]] = []
+    out = run_search(spec, on_update=rows.append)
 
     assert not out.interrupted and len(out.trials) == 2
     by_model = {t.params["model.name"]: t for t in out.trials}
@@ -321,7 +324,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     spec = _search(tmp_path, "resume", [
         "search.num_samples=2", "search.max_concurrent_trials=1", "scheduler={name: fifo}", "base.optim.epochs=2",
     ])
-    exp = Path(vtune.experiment_dir(spec))
+    exp = Path(experiment_dir(spec))
 
     def interrupt_after_first_trial() -> None:  # Ctrl+C's path: Tune also stops on SIGUSR1
         while not _finished_trials(exp, 2):
@@ -330,21 +333,21 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
 
     watcher = threading.Thread(target=interrupt_after_first_trial, daemon=True)
     watcher.start()
-    first = vtune.run_search(spec)
+    first = run_search(spec)
     watcher.join(timeout=5)
     finished = _finished_trials(exp, 2)
     assert first.interrupted and first.best_dir is None  # nothing recorded from a partial search
-    assert not (exp / vtune.BEST_JSON).exists()
+    assert not (exp / BEST_JSON).exists()
     assert len(finished) == 1
 
-    with pytest.raises(vtune.SearchError, match="--resume"):
-        vtune.run_search(spec)  # a new run would mix with the old trials
-    second = vtune.run_search(spec, resume=True)
+    with pytest.raises(SearchError, match="--resume"):
+        run_search(spec)  # a new run would mix with the old trials
+    second = run_search(spec, resume=True)
     assert not second.interrupted and len(second.trials) == 2
     assert all(t.status == "completed" for t in second.trials)
     for name, text in finished.items():  # finished trials were not run again
         assert (exp / name / "result.json").read_text() == text
-    assert second.best is not None and (exp / vtune.BEST_DIR / "model.safetensors").exists()
+    assert second.best is not None and (exp / BEST_DIR / "model.safetensors").exists()
 
 
 @pytest.mark.slow
@@ -357,9 +360,9 @@ def test_trial_whose_worker_dies_is_retried_and_finishes(ray_cluster, tmp_path, 
         "base.data.source=synthetic", "base.data.num_samples=4000", "base.data.image_size=32", "base.data.channels=3",
         "base.augment=[]", "base.model.width=32",
     ])
-    killed = kill_train_worker_after(Path(vtune.experiment_dir(spec)), "trial_*/train/checkpoint_epoch_0001")
-    rows: list[list[vtune.TrialRow]] = []
-    out = vtune.run_search(spec, on_update=rows.append)
+    killed = kill_train_worker_after(Path(experiment_dir(spec)), "trial_*/train/checkpoint_epoch_0001")
+    rows: list[list[TrialRow]] = []
+    out = run_search(spec, on_update=rows.append)
     assert killed, "no trial worker was killed"
     assert len(out.trials) == 1 and out.trials[0].status == "completed"
     assert rows[-1][0].retries >= 1 and rows[-1][0].epoch == 3
@@ -378,14 +381,14 @@ def test_pbt_search_exploits_and_records_a_loadable_best(ray_cluster, tmp_path):
         "search.space={optim.lr: {loguniform: [0.0001, 0.05]}, augment: {choice: [none, randaugment]}}",
         "search.num_samples=4", "search.max_concurrent_trials=4", "resources={workers: 1, cpus_per_worker: 0.5}",
     ])
-    out = vtune.run_search(spec)
+    out = run_search(spec)
 
     assert not out.interrupted and len(out.trials) == 4
     assert all(t.status == "completed" and t.epochs == 4 for t in out.trials)
     exp = Path(out.experiment_dir)
     exploits = (exp / "pbt_global.txt").read_text().splitlines() if (exp / "pbt_global.txt").exists() else []
     assert exploits, "no trial took another's checkpoint"
-    best = json.loads((exp / vtune.BEST_JSON).read_text())
+    best = json.loads((exp / BEST_JSON).read_text())
     assert set(best["pbt_schedule"]) == {"policy_file", "exploits"}
     for step in best["pbt_schedule"]["exploits"]:  # the best trial's learned schedule, if it was exploited
         assert set(step["new_config"]) == set(spec.search.space) and step["donor_reports"] >= 1
@@ -408,27 +411,26 @@ class _Payload:
 def test_resume_refuses_state_it_did_not_seal_and_never_unpickles_it(tmp_path, monkeypatch, attack):
     import pickle
 
-    from visionray import seal
 
-    monkeypatch.setenv(seal.ENV_STATE_KEY_FILE, str(tmp_path / "keys" / "state.key"))
+    monkeypatch.setenv(ENV_STATE_KEY_FILE, str(tmp_path / "keys" / "state.key"))
     spec = _search(tmp_path, "crafted", [])
-    exp = Path(vtune.experiment_dir(spec))
+    exp = Path(experiment_dir(spec))
     exp.mkdir(parents=True)
     marker = tmp_path / "payload-ran"
     (exp / "experiment_state-2026.json").write_text("{}")
     (exp / "tuner.pkl").write_bytes(pickle.dumps({"tuner": "harmless"}))
     if attack == "swapped_after_seal":
-        seal.seal(str(exp))
+        seal(str(exp))
     elif attack == "sealed_with_another_key":
-        monkeypatch.setenv(seal.ENV_STATE_KEY_FILE, str(tmp_path / "keys" / "attacker.key"))
-        seal.seal(str(exp))
-        monkeypatch.setenv(seal.ENV_STATE_KEY_FILE, str(tmp_path / "keys" / "state.key"))
-        seal.state_key(create=True)
+        monkeypatch.setenv(ENV_STATE_KEY_FILE, str(tmp_path / "keys" / "attacker.key"))
+        seal(str(exp))
+        monkeypatch.setenv(ENV_STATE_KEY_FILE, str(tmp_path / "keys" / "state.key"))
+        state_key(create=True)
     (exp / "tuner.pkl").write_bytes(pickle.dumps(_Payload(marker)))
     message = {"unsealed": "no .visionray-seal.json", "swapped_after_seal": "changed: tuner.pkl",
                "sealed_with_another_key": "not made with this machine's state key"}[attack]
-    with pytest.raises(vtune.SearchError, match=message):
-        vtune.run_search(spec, resume=True)
-    with pytest.raises(vtune.SearchError, match=message):  # a refused resume does not seal what it refused
-        vtune.run_search(spec, resume=True)
+    with pytest.raises(SearchError, match=message):
+        run_search(spec, resume=True)
+    with pytest.raises(SearchError, match=message):  # a refused resume does not seal what it refused
+        run_search(spec, resume=True)
     assert not marker.exists()

@@ -10,7 +10,9 @@ import numpy as np
 import torch
 
 from visionray import checkpoint as ckpt
-from visionray import data as vdata
+from visionray.data.folders import decode_folder, resolve_folder
+from visionray.data.sources import load_splits, resize_all, to_channels, torchvision_arrays
+from visionray.data.splits import DataError, ImageArrays
 from visionray.models import tta_logits
 from visionray.specs import DataSpec
 from visionray.transforms import eval_transform
@@ -45,29 +47,29 @@ class Evaluation:
         }
 
 
-def eval_arrays(meta: dict[str, Any], data: str) -> vdata.ImageArrays:
+def eval_arrays(meta: dict[str, Any], data: str) -> ImageArrays:
     """The images to score. ``val``: the checkpoint's own held-out split (same source, seed and
     fraction as training). ``test``: a torchvision source's test split. Anything else: a path to
     an image folder or archive, every image scored; its class folders must be the model's classes."""
     preset = ckpt.eval_preset(meta)
     spec = DataSpec.model_validate(meta["spec"]["data"])
     if data == "val":
-        return vdata.load_splits(spec, preset).val
+        return load_splits(spec, preset).val
     if data == "test":
         if spec.source not in ("cifar10", "cifar100", "mnist", "fashion_mnist"):
-            raise vdata.DataError(f"--data test needs a torchvision source; this model trained on {spec.source!r}")
-        images, labels, _ = vdata.torchvision_arrays(spec, train=False)
-        return vdata.ImageArrays(
-            vdata.resize_all(vdata.to_channels(images, preset.channels), preset.image_size),
+            raise DataError(f"--data test needs a torchvision source; this model trained on {spec.source!r}")
+        images, labels, _ = torchvision_arrays(spec, train=False)
+        return ImageArrays(
+            resize_all(to_channels(images, preset.channels), preset.image_size),
             torch.as_tensor(labels, dtype=torch.long),
         )
-    root = vdata.resolve_folder(data)
-    arrays, classes = vdata.decode_folder(root, preset.channels, preset.image_size)
+    root = resolve_folder(data)
+    arrays, classes = decode_folder(root, preset.channels, preset.image_size)
     unknown = sorted(set(classes) - set(meta["classes"]))
     if unknown:
-        raise vdata.DataError(f"{data}: class folders {unknown} are not classes of this model ({meta['classes']})")
+        raise DataError(f"{data}: class folders {unknown} are not classes of this model ({meta['classes']})")
     remap = torch.tensor([meta["classes"].index(c) for c in classes])
-    return vdata.ImageArrays(arrays.images, remap[arrays.labels])
+    return ImageArrays(arrays.images, remap[arrays.labels])
 
 
 @torch.inference_mode()

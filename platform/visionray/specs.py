@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from visionray import defaults
-from visionray.ops import AugmentOp, BATCHED_OPS, PREPROCESS_OPS
+from visionray.data.sources import list_sources
+from visionray.models import check_model_args
+from visionray.ops import AUGMENT_OPS, BATCHED_OPS, PREPROCESS_OPS, AugmentOp
 from visionray.spec_io import SpecError, Strict, apply_overrides, read_yaml, shown
 
 
@@ -50,11 +52,11 @@ class EvalPreset(Strict):
 
 # --------------------------------------------------------------------------- sections
 
-DataSource = Literal["digits", "imagefolder", "cifar10", "cifar100", "mnist", "fashion_mnist", "synthetic"]
+DataSource = Literal[tuple(list_sources())]  # the names registered in visionray.data.sources
 
 
 class DataSpec(Strict):
-    source: DataSource = Field("digits", description="named data source; see visionray.data")
+    source: DataSource = Field("digits", description="a source registered in visionray.data.sources")
     path: str | None = Field(None, description="imagefolder: a directory of class folders, or a .tar/.tar.gz of one")
     val_path: str | None = Field(None, description="imagefolder: a separate validation folder or archive")
     root: str | None = Field(None, description="torchvision sources: directory holding (or receiving) the files")
@@ -116,8 +118,6 @@ class ModelSpec(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
-        from visionray.models import check_model_args
-
         check_model_args(self.name, self.kwargs())
         return self
 

@@ -17,7 +17,7 @@ from rich.console import Console
 console = Console()
 err = Console(stderr=True)
 
-PROJECT_DIR = Path(__file__).resolve().parents[2]
+PROJECT_DIR = Path(__file__).resolve().parents[3]  # cli/ -> visionray/ -> platform/ -> the project
 QUICKSTART = PROJECT_DIR / "jobs" / "quickstart.yaml"
 
 SetOption = typer.Option([], "--set", help="override a spec field: --set optim.lr=0.05 (value parsed as YAML)")
@@ -37,8 +37,8 @@ def fail(lines: str | list[str], title: str = "error", code: int = 2) -> NoRetur
 def user_errors() -> Iterator[None]:
     """Turn the platform's user-facing exceptions into clean messages and exit 2."""
     from visionray.checkpoint import CheckpointError
-    from visionray.data import DataError
-    from visionray.specs import SpecError
+    from visionray.data.splits import DataError
+    from visionray.spec_io import SpecError
 
     try:
         yield

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 import typer
 from rich.table import Table
 
-from visionray.cli_common import console, fail, fmt, user_errors
+from visionray.cli.common import console, fail, fmt, user_errors
 
 models_app = typer.Typer(no_args_is_help=True, help="The signed model registry: list, show, register, promote, "
                                                     "verify and export model versions.")
@@ -45,14 +45,14 @@ def _keys(public_key: list[Path]) -> list[str] | None:
 
 
 def _registry(root: Optional[str]):
-    from visionray.registry import Registry
+    from visionray.registry.registry import Registry
 
     return Registry(root)
 
 
 def _row(mv: Any) -> dict[str, Any]:
     """The JSON summary of a version."""
-    from visionray.registry import iter_metrics
+    from visionray.registry.registry import iter_metrics
 
     meta = mv.metadata
     reg = meta.get("registry", {})
@@ -190,7 +190,8 @@ def promote(
 ) -> None:
     """Move ALIAS to a version (atomically: readers see the old or the new version), signed: loading
     by an alias verifies who moved it."""
-    from visionray.registry import VerificationError, check_alias
+    from visionray.registry.layout import VerificationError
+    from visionray.registry.registry import check_alias
 
     with registry_errors():
         check_alias(alias)
@@ -216,7 +217,8 @@ def verify_(
     as_json: bool = JsonOption,
 ) -> None:
     """Check every file against the signature and the trusted keys (exit 1 when it fails)."""
-    from visionray.registry import VerificationError, is_model_dir, verify_dir
+    from visionray.registry.layout import VerificationError
+    from visionray.registry.signing import is_model_dir, verify_dir
 
     with registry_errors():
         try:
@@ -266,7 +268,7 @@ def generate(
     as_json: bool = JsonOption,
 ) -> None:
     """Create an EC P-256 signing key pair for the model registry."""
-    from visionray.registry import generate_keys, key_fingerprint, public_key_of
+    from visionray.registry.keys import generate_keys, key_fingerprint, public_key_of
 
     with registry_errors():
         private, public = generate_keys(prefix, overwrite=force)
@@ -286,7 +288,7 @@ def generate(
 
 def register_after_run(registration: Any, checkpoint_dir: Any, lineage: dict[str, Any]) -> None:
     """Register a finished run's best checkpoint when its spec asks (``register:``)."""
-    from visionray.registry import Registry
+    from visionray.registry.registry import Registry
 
     with user_errors():
         try:
@@ -302,7 +304,9 @@ def register_after_run(registration: Any, checkpoint_dir: Any, lineage: dict[str
 
 def check_registration(registration: Any) -> None:
     """Before a long run: fail now if its registration could not sign (no key, bad key)."""
-    from visionray.registry import Registry, allow_unsigned, public_key_of, signing_key_path
+    from visionray.registry.registry import Registry
+    from visionray.registry.layout import allow_unsigned, signing_key_path
+    from visionray.registry.keys import public_key_of
 
     with user_errors():
         key = registration.signing_key or signing_key_path()
@@ -323,8 +327,9 @@ def load_for_cli(target: str | Path, registry: Optional[str] = None, public_key:
     - anything else: a registry reference NAME (its latest version), verified then loaded.
     """
     from visionray.checkpoint import load_model
-    from visionray.registry import Registry, is_model_dir, load_dir
-    from visionray.train import best_checkpoint
+    from visionray.registry.registry import Registry
+    from visionray.registry.signing import is_model_dir, load_dir
+    from visionray.runs import best_checkpoint
 
     keys = _keys(list(public_key or []))
     path = Path(target)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from visionray.cli_common import PROJECT_DIR, AddressOption, console, fail, fmt, user_errors
+from visionray.cli.common import AddressOption, PROJECT_DIR, console, fail, fmt, user_errors
 
 DEFAULT_CONFIG = PROJECT_DIR / "serve" / "classifier.yaml"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -72,7 +72,7 @@ def serve_command(
     from ray import serve
 
     from visionray.serve.app import build_app
-    from visionray.train import init_ray
+    from visionray.cluster.local import init_ray
 
     with user_errors():
         application = build_app(args)  # resolves the alias: a missing model fails here, before Ray starts

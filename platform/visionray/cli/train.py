@@ -1,8 +1,5 @@
-"""The ``visionray`` command line (typer + rich).
-
-User errors print what is wrong (field, value, what is allowed) and exit 2; nothing prints a
-traceback unless VISIONRAY_DEBUG=1.
-"""
+"""``visionray validate``, ``train`` and ``evaluate``: a spec checked, a training job run with live
+progress (registered after it when the spec asks), a checkpoint or registered model scored."""
 
 from __future__ import annotations
 
@@ -17,28 +14,27 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from visionray.cli_registry import PublicKeyOption, RegistryOption
-from visionray.cli_common import QUICKSTART, AddressOption, SetOption, console, err, fail, fmt, user_errors
-
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, tune and serve image CNNs on Ray.")
+from visionray.cli.common import QUICKSTART, AddressOption, SetOption, console, err, fail, fmt, user_errors
+from visionray.cli.registry import PublicKeyOption, RegistryOption, check_registration, load_for_cli, register_after_run
 
 
 # --------------------------------------------------------------------------- validate
 
 
-@app.command()
 def validate(
     file: Path = typer.Argument(..., help="a training spec (jobs/*.yaml) or a search spec (tune/*.yaml)"),
     set_: list[str] = SetOption,
 ) -> None:
     """Validate a spec: print OK, or every error (field, value, what is allowed) and exit 2."""
-    from visionray.specs import SpecError, load_spec, read_yaml
+    from visionray.spec_io import SpecError, read_yaml
+    from visionray.specs import load_spec
+
+    from visionray.tune.spec import is_search_spec, load_search_spec
 
     try:
-        from visionray import tune as vtune
 
-        if vtune.is_search_spec(read_yaml(file)):
-            search = vtune.load_search_spec(file, set_)
+        if is_search_spec(read_yaml(file)):
+            search = load_search_spec(file, set_)
             console.print(f"[green]OK[/] {file}: search [bold]{search.output.name}[/] "
                           f"({search.search.algorithm} + {search.scheduler.name}, {search.expected_trials()} trial(s))")
             return
@@ -64,7 +60,6 @@ def _epoch_table(spec, rows: list[dict[str, Any]]) -> Table:
     return table
 
 
-@app.command()
 def train(
     spec_file: Optional[Path] = typer.Argument(None, metavar="[SPEC]", help="training spec; default jobs/quickstart.yaml"),
     set_: list[str] = SetOption,
@@ -74,8 +69,10 @@ def train(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's worker and controller output"),
 ) -> None:
     """Train a CNN with Ray Train; the same job name again resumes from its latest checkpoint."""
-    from visionray import train as vtrain
+    from visionray.cluster.local import init_ray
+    from visionray.runs import best_checkpoint, completed_epochs, run_dir
     from visionray.specs import load_spec
+    from visionray.train.driver import fit_with_progress
 
     overrides = list(set_)
     if workers is not None:
@@ -85,7 +82,7 @@ def train(
     with user_errors():
         spec = load_spec(spec_file or QUICKSTART, overrides)  # build_trainer makes its data paths absolute
         if spec.registration is not None:  # fail before training, not after, when no key can sign
-            cli_registry.check_registration(spec.registration)
+            check_registration(spec.registration)
     if not (address or os.environ.get("RAY_ADDRESS")):  # a local cluster: its workers read this machine's files
         missing = [f"data.{name}: {value!r} does not exist ({os.path.abspath(os.path.expanduser(value))}); "
                    "give a directory of class folders or a .tar/.tar.gz"
@@ -93,16 +90,16 @@ def train(
                    if (value := getattr(spec.data, name)) and not os.path.exists(os.path.expanduser(value))]
         if missing:
             fail(missing, f"{spec_file or QUICKSTART}: invalid spec")
-    console.print(f"[bold]visionray train[/] {spec.output.name} -> {vtrain.run_dir(spec)}")
-    done = vtrain.completed_epochs(spec)
+    console.print(f"[bold]visionray train[/] {spec.output.name} -> {run_dir(spec)}")
+    done = completed_epochs(spec)
     if done >= spec.optim.epochs:
         console.print(f"job {spec.output.name} already finished {done}/{spec.optim.epochs} epochs; "
                       "raise optim.epochs to continue it, or set output.name to start a new one")
-        _summary(spec, vtrain.best_checkpoint(vtrain.run_dir(spec)), 0.0)
+        _summary(spec, best_checkpoint(run_dir(spec)), 0.0)
         return
     if done:
         console.print(f"resuming {spec.output.name} from its checkpoint at epoch {done}")
-    vtrain.init_ray(address, verbose)
+    init_ray(address, verbose)
     rows: list[dict[str, Any]] = []
     start = time.time()
     with user_errors(), Live(_epoch_table(spec, rows), console=console, refresh_per_second=4) as live:
@@ -120,15 +117,15 @@ def train(
                     err.print(f"[yellow]worker {rank} failed[/]: {escape(msg)} (Ray Train restores from the latest checkpoint)")
 
         try:
-            result = vtrain.fit_with_progress(spec, on_report)
+            result = fit_with_progress(spec, on_report)
         except Exception as exc:
             live.stop()
             fail([f"{type(exc).__name__}: {exc}"], "training failed", code=1)
-    best = vtrain.best_checkpoint(vtrain.run_dir(spec)) if "://" not in spec.output.storage else result.checkpoint.path
+    best = best_checkpoint(run_dir(spec)) if "://" not in spec.output.storage else result.checkpoint.path
     console.print()
     _summary(spec, best, time.time() - start)
     if spec.registration is not None:
-        cli_registry.register_after_run(spec.registration, best, lineage={"job": spec.output.name, "run_dir": vtrain.run_dir(spec)})
+        register_after_run(spec.registration, best, lineage={"job": spec.output.name, "run_dir": run_dir(spec)})
 
 
 def _summary(spec, best: Any, seconds: float) -> None:
@@ -152,7 +149,6 @@ def _summary(spec, best: Any, seconds: float) -> None:
 # --------------------------------------------------------------------------- evaluate
 
 
-@app.command()
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="a checkpoint directory, a run directory (its best checkpoint), "
                                                "or a registered model NAME@ALIAS / NAME@3 (verified before loading)"),
@@ -166,7 +162,7 @@ def evaluate(
     from visionray.evaluate import evaluate_checkpoint, plot_confusion
 
     with user_errors():
-        model, meta, path = cli_registry.load_for_cli(checkpoint, registry, public_key)
+        model, meta, path = load_for_cli(checkpoint, registry, public_key)
         ev = evaluate_checkpoint(model, meta, data)
     if plot is not None:
         plot_confusion(ev, plot)
@@ -192,16 +188,7 @@ def evaluate(
         console.print(f"plot: {plot}")
 
 
-# Sub-commands kept in their own modules; each adds its commands to ``app``.
-from visionray import cli_cluster, cli_registry, cli_serve, cli_tune  # noqa: E402
-
-for _module in (cli_registry, cli_serve, cli_tune, cli_cluster):
-    _module.register(app)
-
-
-def main() -> None:  # pragma: no cover - console entry for `python -m visionray.cli`
-    app()
-
-
-if __name__ == "__main__":
-    main()
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the ``visionray`` app."""
+    for command in (validate, train, evaluate):
+        app.command()(command)

@@ -11,7 +11,8 @@ import typer
 from rich.live import Live
 from rich.table import Table
 
-from visionray.cli_common import AddressOption, SetOption, console, err, fail, fmt, user_errors
+from visionray.cli.registry import register_after_run
+from visionray.cli.common import AddressOption, SetOption, console, err, fail, fmt, user_errors
 
 INTERRUPTED_EXIT = 130  # the search stopped early (Ctrl+C); resume it with --resume
 
@@ -61,50 +62,53 @@ def closing_table(outcome) -> Table:
     return table
 
 
+def tune_command(
+    spec_file: Path = typer.Argument(..., metavar="SPEC", help="a search spec (tune/*.yaml)"),
+    set_: list[str] = SetOption,
+    address: Optional[str] = AddressOption,
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted search; finished trials are kept"),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's worker and controller output"),
+) -> None:
+    """Search depth, width, augmentation (and more) with Ray Tune; ASHA stops poor trials early."""
+    from visionray.cluster.local import init_ray
+    from visionray.tune.results import lineage
+    from visionray.tune.run import SearchError, run_search
+    from visionray.tune.spec import experiment_dir, load_search_spec
+
+    with user_errors():
+        spec = load_search_spec(spec_file, set_)
+    exp = experiment_dir(spec)
+    console.print(f"[bold]visionray tune[/] {spec.output.name} -> {exp}"
+                  + (" [cyan](resuming)[/]" if resume else ""))
+    init_ray(address, verbose)
+    if not verbose:  # failed trials show in the table and in their error.txt, not as tracebacks here
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
+    with Live(live_table(spec, []), console=console, refresh_per_second=2) as live:
+        try:
+            outcome = run_search(spec, resume=resume, on_update=lambda rows: live.update(live_table(spec, rows)))
+        except SearchError as exc:
+            live.stop()
+            fail(str(exc))
+        except Exception as exc:
+            live.stop()
+            fail([f"{type(exc).__name__}: {exc}"], "search failed", code=1)
+    console.print(closing_table(outcome))
+    for kind, path in outcome.files.items():
+        console.print(f"{kind:>5}: {path}")
+    if outcome.interrupted:
+        again = " ".join(["visionray tune", shlex.quote(str(spec_file)), *(f"--set {shlex.quote(s)}" for s in set_), "--resume"])
+        err.print(f"[yellow]search interrupted[/]: continue with  {again}", highlight=False)
+        raise typer.Exit(INTERRUPTED_EXIT)
+    if outcome.best is None:
+        fail("no trial reported a checkpoint; see the errors above", "search finished without a model", code=1)
+    b = outcome.best
+    console.print(f"[bold]best trial[/] {b.trial_id}: {spec.metric} {b.best_value:.4f} at epoch {b.best_epoch} "
+                  f"({b.num_params:,} parameters), {_config(b.params)}")
+    console.print(f"best checkpoint {outcome.best_dir}  ({outcome.wall_s:.0f} s)")
+    if outcome.best_dir and spec.registration is not None:
+        register_after_run(spec.registration, outcome.best_dir, lineage=lineage(spec, b))
+
+
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the ``visionray`` app."""
-
-    @app.command("tune")
-    def tune_command(
-        spec_file: Path = typer.Argument(..., metavar="SPEC", help="a search spec (tune/*.yaml)"),
-        set_: list[str] = SetOption,
-        address: Optional[str] = AddressOption,
-        resume: bool = typer.Option(False, "--resume", help="continue an interrupted search; finished trials are kept"),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="show Ray's worker and controller output"),
-    ) -> None:
-        """Search depth, width, augmentation (and more) with Ray Tune; ASHA stops poor trials early."""
-        from visionray import train as vtrain
-        from visionray import tune as vtune
-
-        with user_errors():
-            spec = vtune.load_search_spec(spec_file, set_)
-        exp = vtune.experiment_dir(spec)
-        console.print(f"[bold]visionray tune[/] {spec.output.name} -> {exp}"
-                      + (" [cyan](resuming)[/]" if resume else ""))
-        vtrain.init_ray(address, verbose)
-        if not verbose:  # failed trials show in the table and in their error.txt, not as tracebacks here
-            logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
-        with Live(live_table(spec, []), console=console, refresh_per_second=2) as live:
-            try:
-                outcome = vtune.run_search(spec, resume=resume, on_update=lambda rows: live.update(live_table(spec, rows)))
-            except vtune.SearchError as exc:
-                live.stop()
-                fail(str(exc))
-            except Exception as exc:
-                live.stop()
-                fail([f"{type(exc).__name__}: {exc}"], "search failed", code=1)
-        console.print(closing_table(outcome))
-        for kind, path in outcome.files.items():
-            console.print(f"{kind:>5}: {path}")
-        if outcome.interrupted:
-            again = " ".join(["visionray tune", shlex.quote(str(spec_file)), *(f"--set {shlex.quote(s)}" for s in set_), "--resume"])
-            err.print(f"[yellow]search interrupted[/]: continue with  {again}", highlight=False)
-            raise typer.Exit(INTERRUPTED_EXIT)
-        if outcome.best is None:
-            fail("no trial reported a checkpoint; see the errors above", "search finished without a model", code=1)
-        b = outcome.best
-        console.print(f"[bold]best trial[/] {b.trial_id}: {spec.metric} {b.best_value:.4f} at epoch {b.best_epoch} "
-                      f"({b.num_params:,} parameters), {_config(b.params)}")
-        console.print(f"best checkpoint {outcome.best_dir}  ({outcome.wall_s:.0f} s)")
-        if outcome.best_dir and spec.registration is not None:
-            register_after_run(spec.registration, outcome.best_dir, lineage=vtune.lineage(spec, b))
+    """Add ``tune`` to the ``visionray`` app."""
+    app.command("tune")(tune_command)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from visionray.specs import read_yaml
+from visionray.spec_io import read_yaml
 from visionray.cluster.client import JobsError
 from visionray.cluster.upload import EXCLUDES, PACKAGE, Upload, measure_upload, private_key_files, zipped_size
 
@@ -35,7 +35,7 @@ ENV_REGISTRY = "VISIONRAY_REGISTRY"
 
 def detect_kind(raw: dict[str, Any]) -> Kind:
     """``applications:`` is a Serve config, a top-level ``search:`` a search spec, else training."""
-    from visionray.tune import is_search_spec
+    from visionray.tune.spec import is_search_spec
 
     if "applications" in raw:
         return "serve"
@@ -181,7 +181,7 @@ def prepare(
         _check_data(problems, spec, project, upload)
         _check_registry(problems, warnings, "register.registry", spec.registration, registry, registry_fix)
     elif kind == "tune":
-        from visionray.tune import load_search_spec
+        from visionray.tune.spec import load_search_spec
 
         search = load_search_spec(spec_path, overrides)
         name = search.output.name

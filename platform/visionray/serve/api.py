@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from visionray.serve.config import ServeSpec
-from visionray.serve.model import Label, Predictor
+from visionray.serve.predictor import Label, Predictor
 from visionray.serve.errors import Rejection
 from visionray.serve.pool import DecodePool
 from visionray.serve.sanitize import SanitizerMiddleware, check_type, load_api_keys, media_type

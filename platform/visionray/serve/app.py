@@ -40,7 +40,7 @@ from visionray.models import TTA_VIEWS
 from visionray.serve.api import Backend, make_api
 from visionray.serve.config import ServeSpec, load_serve_spec
 from visionray.serve.errors import Rejection
-from visionray.serve.model import Label, Predictor, Source, load_source, pick_device, resolve_source
+from visionray.serve.predictor import Label, Predictor, Source, load_source, pick_device, resolve_source
 from visionray.serve.pool import DecodePool
 
 logger = logging.getLogger("ray.serve")

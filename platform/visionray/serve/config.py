@@ -14,7 +14,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from visionray.specs import ALIAS_PATTERN, NAME_PATTERN, SpecError, Strict, read_yaml, shown, validate_model
+from visionray.specs import ALIAS_PATTERN, NAME_PATTERN, validate_model
+from visionray.spec_io import SpecError, Strict, read_yaml, shown
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 MODEL_REF = re.compile(rf"(?P<name>{NAME_PATTERN})@(?P<tag>{ALIAS_PATTERN}|[1-9][0-9]{{0,8}})")  # fullmatch

@@ -43,20 +43,21 @@ def resolve_source(spec: ServeSpec) -> Source:
     absolute (replicas run elsewhere). Keys fall back to $VISIONRAY_VERIFY_KEYS, read here, where
     the app is built. Verification is off only when the config's ``allow_unsigned`` and
     $VISIONRAY_ALLOW_UNSIGNED=1 are both set: one of them alone is refused (``UnsignedRefused``)."""
-    from visionray import registry as reg
+    from visionray.registry.layout import ENV_ALLOW_UNSIGNED, allow_unsigned, default_registry_root, verify_key_paths
+    from visionray.registry.registry import Registry
 
-    keys = tuple(str(Path(k).expanduser().resolve()) for k in (spec.public_keys or reg.verify_key_paths()))
-    if spec.allow_unsigned and not reg.allow_unsigned():
+    keys = tuple(str(Path(k).expanduser().resolve()) for k in (spec.public_keys or verify_key_paths()))
+    if spec.allow_unsigned and not allow_unsigned():
         raise UnsignedRefused(f"allow_unsigned: true in the serve config turns model verification off only together with "
-                              f"{reg.ENV_ALLOW_UNSIGNED}=1 in the environment where the app is built (development "
+                              f"{ENV_ALLOW_UNSIGNED}=1 in the environment where the app is built (development "
                               "only); set both, or serve a signed registry model")
     unsigned = spec.allow_unsigned
     if spec.checkpoint is not None:
         return Source(None, None, str(Path(spec.checkpoint).expanduser().resolve()), keys, unsigned)
-    root = spec.registry or reg.default_registry_root()
+    root = spec.registry or default_registry_root()
     if "://" not in root:
         root = str(Path(root).expanduser().resolve())
-    mv = reg.Registry(root).resolve(spec.model, list(keys), allow_unsigned=unsigned)
+    mv = Registry(root).resolve(spec.model, list(keys), allow_unsigned=unsigned)
     return Source(f"{mv.name}@{mv.version}", root, None, keys, unsigned)
 
 
@@ -82,7 +83,7 @@ def load_source(source: Source, device: torch.device) -> tuple[torch.nn.Module, 
         logger.warning("serving UNSIGNED checkpoint %s (%s: development only)", source.checkpoint, UNSIGNED_BY)
         model, meta = load_model(source.checkpoint, device=device)
         return model, meta, meta.get("spec", {}).get("output", {}).get("name", Path(source.checkpoint).name), None
-    from visionray.registry import Registry
+    from visionray.registry.registry import Registry
 
     model, meta = Registry(source.registry).load(
         source.ref, public_keys=list(source.public_keys), allow_unsigned=source.allow_unsigned, device=str(device),

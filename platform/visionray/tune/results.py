@@ -16,9 +16,7 @@ from visionray import checkpoint as ckpt
 log = logging.getLogger(__name__)
 
 
-from visionray.tune_spec import (
-    BEST_DIR, BEST_JSON, PLOT_PNG, SELECTION_RULE, TRIALS_CSV, TRIALS_JSON, PbtSpec, SearchSpec, experiment_dir,
-)
+from visionray.tune.spec import BEST_DIR, BEST_JSON, PLOT_PNG, PbtSpec, SELECTION_RULE, SearchSpec, TRIALS_CSV, TRIALS_JSON, experiment_dir
 
 def short_params(params: dict[str, Any]) -> dict[str, Any]:
     return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in params.items()}

@@ -33,19 +33,13 @@ from typing import Any, Callable
 from ray.tune import Callback
 
 from visionray import checkpoint as ckpt
-from visionray import seal
+from visionray.tune import seal
 from visionray.specs import with_absolute_paths
 
 log = logging.getLogger(__name__)
-
-
-from visionray.tune_results import (  # noqa: F401 - re-exported: visionray.tune is the search's API
-    BEST_DIR, BEST_JSON, PLOT_PNG, TRIALS_CSV, TRIALS_JSON, SearchOutcome, TrialSummary, collect, select_best, short_params,
-)
-from visionray.tune_spec import (  # noqa: F401 - re-exported
-    PBT_KEEP, TRIAL_DRIVER_MEMORY, AshaSpec, Dist, HyperBandSpec, MedianSpec, PbtSpec, SearchSpec, experiment_dir, is_search_spec, load_search_spec,
-    trial_spec,
-)
+from visionray.tune.results import SearchOutcome, collect, short_params
+from visionray.tune.spec import (PBT_KEEP, TRIAL_DRIVER_MEMORY, AshaSpec, Dist, HyperBandSpec, MedianSpec, PbtSpec, SearchSpec,
+                                 experiment_dir, trial_spec)
 
 # --------------------------------------------------------------------------- Tune objects
 
@@ -118,7 +112,7 @@ def run_trial(config: dict[str, Any], search: SearchSpec) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from visionray.train import build_trainer
+    from visionray.train.driver import build_trainer
 
     trial_dir = Path(tune.get_context().get_trial_dir()).name
     spec = trial_spec(search, config, storage=f"{experiment_dir(search)}/{trial_dir}")
@@ -135,7 +129,7 @@ def run_trial_in_process(config: dict[str, Any], search: SearchSpec) -> None:
     import torch
     from ray import tune
 
-    from visionray.train import Worker, run_epochs
+    from visionray.train.worker import Worker, run_epochs
 
     trial_dir = Path(tune.get_context().get_trial_dir()).name
     spec = trial_spec(search, config, storage=f"{experiment_dir(search)}/{trial_dir}")

@@ -11,20 +11,9 @@ from typing import Any, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
-from visionray.specs import (
-    AUGMENT_OPS,
-    AugmentOp,
-    OutputSpec,
-    RegisterSpec,
-    SpecError,
-    Strict,
-    TrainSpec,
-    _ops_from_shorthand,
-    apply_overrides,
-    format_errors,
-    read_yaml,
-    validate_model,
-)
+from visionray.ops import AUGMENT_OPS, AugmentOp
+from visionray.specs import OutputSpec, RegisterSpec, TrainSpec, _ops_from_shorthand, format_errors, validate_model
+from visionray.spec_io import SpecError, Strict, apply_overrides, read_yaml
 
 log = logging.getLogger(__name__)
 _AUGMENT_OP: TypeAdapter = TypeAdapter(AugmentOp)
@@ -442,6 +431,6 @@ def is_search_spec(raw: dict[str, Any]) -> bool:
 
 
 def experiment_dir(spec: SearchSpec) -> str:
-    from visionray.train import storage_path
+    from visionray.runs import storage_path
 
     return f"{storage_path(spec).rstrip('/')}/{spec.output.name}"  # type: ignore[arg-type]
