@@ -62,14 +62,14 @@ class Plain:
     the Starlette request, decodes it and runs the model on it, one request at a time."""
 
     def __init__(self, checkpoint: str, device: str):
-        from visionray.checkpoint import eval_preset, load_model
+        from visionray.checkpoint import load_model
         from visionray.transforms import eval_transform
 
         self.device = device
         self.model, meta = load_model(checkpoint)
         self.model.to(device).eval()
-        self.classes = meta["classes"]
-        self.preset = eval_preset(meta)
+        self.classes = meta.classes
+        self.preset = meta.eval_preset
         self.transform = eval_transform(self.preset)
 
     async def __call__(self, request: Request) -> dict[str, Any]:

@@ -68,9 +68,9 @@ def register_untrained(root: Path, name: str, arch: str, kwargs: dict[str, Any],
     private, public = generate_keys(root / "keys" / "signer")
     preset = EvalPreset(image_size=size, channels=channels, mean=[0.5] * channels, std=[0.25] * channels)
     ckpt = root / "ckpt" / name
-    save_checkpoint(ckpt, create_model(arch, num_classes, channels, size, **kwargs), spec=TrainSpec(),
-                    model_name=arch, model_kwargs=kwargs, classes=[f"c{i}" for i in range(num_classes)],
-                    preset=preset, metrics={}, epoch=0)
+    spec = TrainSpec.model_validate({"model": {"name": arch, **kwargs}})
+    save_checkpoint(ckpt, create_model(arch, num_classes, channels, size, **kwargs), spec=spec,
+                    classes=[f"c{i}" for i in range(num_classes)], preset=preset, metrics={}, epoch=0)
     registry = root / "registry"
     Registry(str(registry)).register(ckpt, name, alias="best", private_key=private)
     return registry, public

@@ -10,6 +10,7 @@ import torch
 from visionray import checkpoint as ckpt
 from visionray.models import create_model
 from visionray.specs import TrainSpec
+from tests.helpers import FIXTURES, make_checkpoint
 
 
 def test_state_codec_round_trip(tmp_path):
@@ -31,17 +32,15 @@ def test_checkpoint_round_trip_same_logits(tmp_path):
     spec = TrainSpec.model_validate({"model": {"name": "convnet", "depth": 2, "width": 8}, "data": {"image_size": 16}})
     model = create_model("convnet", 10, 1, 16, depth=2, width=8).eval()
     preset = spec.eval_preset(1)
-    ckpt.save_checkpoint(
-        tmp_path, model, spec=spec, model_name="convnet", model_kwargs={"depth": 2, "width": 8},
-        classes=[str(i) for i in range(10)], preset=preset, metrics={"val_acc": 0.5}, epoch=3,
-    )
+    ckpt.save_checkpoint(tmp_path, model, spec=spec, classes=[str(i) for i in range(10)], preset=preset,
+                         metrics={"val_acc": 0.5}, epoch=3)
     loaded, meta = ckpt.load_model(tmp_path)
     x = torch.randn(4, 1, 16, 16)
     with torch.no_grad():
         assert torch.equal(model(x), loaded(x))
-    assert meta["epoch"] == 3 and meta["spec"]["model"]["depth"] == 2
-    assert ckpt.eval_preset(meta) == preset
-    assert set(meta["versions"]) >= {"torch", "ray", "visionray", "torchvision"}
+    assert meta.epoch == 3 and meta.spec["model"]["depth"] == 2 and meta.model.kwargs == {"depth": 2, "width": 8}
+    assert meta.eval_preset == preset and meta.tta == "none"
+    assert set(meta.versions) >= {"torch", "ray", "visionray", "torchvision"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json", "model.safetensors"]
 
 
@@ -52,12 +51,30 @@ def test_checkpoint_round_trip_same_logits(tmp_path):
     (lambda d: (d / "metadata.json").write_text(json.dumps({"format": "pickle"})), "format"),
 ])
 def test_damaged_checkpoints_fail_clearly(tmp_path, damage, word):
-    spec = TrainSpec()
-    ckpt.save_checkpoint(
-        tmp_path, create_model("convnet", 10, 1, 32, depth=1, width=4), spec=spec, model_name="convnet",
-        model_kwargs={"depth": 1, "width": 4}, classes=[str(i) for i in range(10)], preset=spec.eval_preset(1),
-        metrics={}, epoch=1,
-    )
+    make_checkpoint(tmp_path, kwargs={"depth": 1, "width": 4}, size=32, metrics={})
     damage(tmp_path)
     with pytest.raises(ckpt.CheckpointError, match=word):
         ckpt.load_model(tmp_path)
+
+
+def test_a_checkpoint_written_by_visionray_0_1_still_loads():
+    """``tests/fixtures/checkpoint_v0.1`` was written by the code before the typed contract (no
+    top-level ``tta``: it lived only in the spec). It loads, typed, with the same TTA."""
+    model, meta = ckpt.load_model(FIXTURES / "checkpoint_v0.1")
+    assert "tta" not in json.loads((FIXTURES / "checkpoint_v0.1" / "metadata.json").read_text())
+    assert isinstance(meta, ckpt.CheckpointMeta) and meta.tta == "flip"
+    assert meta.model.name == "convnet" and meta.model.kwargs == {"depth": 1, "width": 4, "hidden": 8}
+    assert meta.classes == [str(i) for i in range(10)] and meta.epoch == 2 and meta.metrics["val_acc"] == 0.25
+    assert meta.eval_preset.image_size == 8 and meta.job_name == "legacy"
+    assert model(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_metadata_is_frozen_and_refuses_unknown_fields(tmp_path):
+    _, _ = make_checkpoint(tmp_path)
+    meta = ckpt.read_metadata(tmp_path)
+    with pytest.raises(ValueError):
+        meta.epoch = 9
+    raw = json.loads((tmp_path / "metadata.json").read_text())
+    (tmp_path / "metadata.json").write_text(json.dumps({**raw, "surprise": 1}))
+    with pytest.raises(ckpt.CheckpointError, match="surprise"):
+        ckpt.read_metadata(tmp_path)

@@ -29,8 +29,8 @@ from visionray.cluster.client import JobsError, check_token_transport
 from visionray.cluster.jobs import detect_kind, prepare, submission_id
 from visionray.registry.keys import generate_keys
 from visionray.spec_io import SpecError
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 VENV_BIN = Path(sys.executable).parent
 LOOPBACK = "127.0.0.1"

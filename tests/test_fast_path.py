@@ -3,6 +3,8 @@ On CPU they must stay correct; their speed is measured in benchmarks/, not here.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from visionray.models import tta_logits
 from visionray.specs import EvalPreset, TrainSpec, load_spec
 from visionray.train.worker import Worker
 from visionray.transforms import BatchFlipCrop, eval_transform, normalize_batch
+from tests.helpers import make_checkpoint
 
 PRESET = EvalPreset(image_size=12, channels=3, mean=[0.4, 0.5, 0.6], std=[0.2, 0.3, 0.25])
 
@@ -100,7 +103,7 @@ def test_cifar10_fast_recipe_runs_correctly_on_cpu():
         "scaling.precision=fp32",
     ])
     worker = Worker(spec, 0, 1, torch.device("cpu"))
-    assert worker.data.train.images.device.type == "cpu" and not worker.model.whiten.weight.requires_grad
+    assert worker.data.splits.train.images.device.type == "cpu" and not worker.model.whiten.weight.requires_grad
     first = worker.model.whiten.weight.clone()
     metrics = [worker.run_epoch(e) for e in range(3)]
     assert torch.equal(first, worker.model.whiten.weight)  # whitening stays frozen
@@ -143,16 +146,11 @@ def test_serving_applies_the_checkpoints_tta_like_evaluate(tmp_path):
     """A checkpoint evaluated with TTA is served with the same views: same probabilities."""
     import numpy as np
 
-    from visionray.checkpoint import CheckpointError, load_model, save_checkpoint
+    from visionray.checkpoint import CheckpointError, load_model
     from visionray.evaluate import predict_logits
-    from visionray.models import create_model
     from visionray.serve.predictor import Predictor
 
-    torch.manual_seed(0)
-    model = create_model("convnet", 10, 3, 12, depth=2, width=8)
-    spec = TrainSpec.model_validate({"evaluation": {"tta": "flip_translate"}})
-    save_checkpoint(tmp_path / "c", model, spec=spec, model_name="convnet", model_kwargs={"depth": 2, "width": 8},
-                    classes=[f"c{i}" for i in range(10)], preset=PRESET, metrics={}, epoch=1)
+    make_checkpoint(tmp_path / "c", preset=PRESET, tta="flip_translate", classes=[f"c{i}" for i in range(10)], metrics={})
     model, meta = load_model(tmp_path / "c")
     images = _images(5)
     expected = predict_logits(model, meta, images).softmax(1)
@@ -163,9 +161,11 @@ def test_serving_applies_the_checkpoints_tta_like_evaluate(tmp_path):
         assert [lab.probability for lab in labels] == pytest.approx(sorted(row.tolist(), reverse=True), abs=1e-5)
         assert labels[0].index == int(row.argmax())
 
-    meta["spec"]["evaluation"]["tta"] = "mirror_rotate"  # written by some other version: refused at load
+    raw = json.loads((tmp_path / "c" / "metadata.json").read_text())
+    raw["tta"] = raw["spec"]["evaluation"]["tta"] = "mirror_rotate"  # written by some other version: refused at load
+    (tmp_path / "c" / "metadata.json").write_text(json.dumps(raw))
     with pytest.raises(CheckpointError, match="mirror_rotate.*flip_translate"):
-        Predictor(model, meta, "tta", None, torch.device("cpu"))
+        load_model(tmp_path / "c")
 
 
 def test_airbench_net_follows_airbench94():

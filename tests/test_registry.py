@@ -26,15 +26,13 @@ from visionray.registry.keys import generate_keys, key_fingerprint, public_key_o
 from visionray.registry.layout import ENV_ALLOW_UNSIGNED, ENV_REGISTRY, ENV_SIGNING_KEY, ENV_VERIFY_KEYS, SIGNATURE_FILE, VERSION_FILES
 from visionray.registry.registry import check_alias, parse_ref
 from visionray.registry.signing import load_dir, sign_dir
-from visionray.checkpoint import CheckpointError, MODEL_FILE, save_checkpoint
+from visionray.checkpoint import CheckpointError, MODEL_FILE
 from visionray.cli import app
-from visionray.models import create_model
 from visionray.registry.registry import ModelVersion, Registry
+from visionray.registry.store import LocalStore, ObjectStore
 from visionray.registry.layout import RegistryError, VerificationError
-from visionray.specs import TrainSpec
+from tests.helpers import CLASSES, FIXTURES, REPO, make_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-CLASSES = [str(i) for i in range(10)]
 
 
 @pytest.fixture(autouse=True)
@@ -43,14 +41,8 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def make_checkpoint(directory: Path, seed: int = 0, val_acc: float = 0.5) -> tuple[Path, torch.nn.Module]:
-    spec = TrainSpec.model_validate({"data": {"image_size": 16}, "model": {"depth": 2, "width": 8}})
-    torch.manual_seed(seed)
-    model = create_model("convnet", 10, 1, 16, depth=2, width=8)
-    save_checkpoint(directory, model, spec=spec, model_name="convnet", model_kwargs={"depth": 2, "width": 8},
-                    classes=CLASSES, preset=spec.eval_preset(1), metrics={"val_acc": val_acc, "val_loss": 1.0},
-                    epoch=3)
-    return directory, model.eval()
+def checkpoint(directory: Path, seed: int = 0, val_acc: float = 0.5) -> tuple[Path, torch.nn.Module]:
+    return make_checkpoint(directory, seed=seed, metrics={"val_acc": val_acc, "val_loss": 1.0}, epoch=3)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +54,7 @@ def keys(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory) -> list[tuple[Path, torch.nn.Module]]:
     d = tmp_path_factory.mktemp("ckpt")
-    return [make_checkpoint(d / f"c{i}", seed=i, val_acc=0.5 + i / 10) for i in range(2)]
+    return [checkpoint(d / f"c{i}", seed=i, val_acc=0.5 + i / 10) for i in range(2)]
 
 
 @pytest.fixture
@@ -100,16 +92,16 @@ def test_round_trip_gives_the_same_logits_and_full_metadata(reg, keys, ckpts):
     model, meta = reg.load("digits@best", [keys["a"][1]])
     assert torch.equal(logits(model), logits(ckpts[0][1]))
     assert not model.training
-    assert meta["classes"] == CLASSES
-    assert meta["eval_preset"]["image_size"] == 16 and meta["input_shape"] == [1, 16, 16]
-    assert meta["model"] == {"name": "convnet", "kwargs": {"depth": 2, "width": 8}, "num_classes": 10,
+    assert meta.classes == CLASSES
+    assert meta.eval_preset.image_size == 16 and meta.input_shape == [1, 16, 16]
+    assert meta.model.model_dump() == {"name": "convnet", "kwargs": {"depth": 2, "width": 8}, "num_classes": 10,
                              "in_channels": 1, "image_size": 16}
-    assert meta["metrics"]["val_acc"] == 0.5 and meta["spec"]["model"]["depth"] == 2
-    assert meta["lineage"]["job"] == "j0"
-    assert meta["lineage"]["source_checkpoint"] == str(ckpts[0][0].resolve())
-    assert set(meta["registry"]["versions"]) >= {"torch", "ray", "visionray"}
-    assert meta["registry"]["name"] == "digits" and meta["registry"]["version"] == 1
-    assert meta["registry"]["signer"] == key_fingerprint(public_key_of(keys["a"][0]))
+    assert meta.metrics["val_acc"] == 0.5 and meta.spec["model"]["depth"] == 2
+    assert meta.lineage["job"] == "j0"
+    assert meta.lineage["source_checkpoint"] == str(ckpts[0][0].resolve())
+    assert set(meta.registry.versions) >= {"torch", "ray", "visionray"}
+    assert meta.registry.name == "digits" and meta.registry.version == 1
+    assert meta.registry.signer == key_fingerprint(public_key_of(keys["a"][0]))
     # the weights are the checkpoint's bytes, untouched
     assert (Path(reg.resolve("digits@1").uri) / MODEL_FILE).read_bytes() == (ckpts[0][0] / MODEL_FILE).read_bytes()
     assert sorted(p.name for p in Path(reg.resolve("digits@1").uri).iterdir()) == sorted(VERSION_FILES)
@@ -138,7 +130,7 @@ def test_bad_references_say_what_exists(reg, ref, message):
 
 
 def test_list_shows_versions_aliases_and_metrics(reg, keys):
-    rows = [(v.name, v.version, v.aliases, v.metadata["metrics"]["val_acc"]) for v in reg.list()]
+    rows = [(v.name, v.version, v.aliases, v.metadata.metrics["val_acc"]) for v in reg.list()]
     assert rows == [("digits", 1, ("best",), 0.5), ("digits", 2, ("production",), 0.6)]
     reg.promote("digits", 2, "best", private_key=keys["a"][0])
     assert [v.aliases for v in reg.list("digits")] == [(), ("best", "production")]
@@ -183,7 +175,7 @@ def test_signing_and_verify_keys_come_from_the_environment(tmp_path, keys, ckpts
         Registry().load("digits")
     monkeypatch.setenv(ENV_VERIFY_KEYS, os.pathsep.join([str(keys["b"][1]), str(keys["a"][1])]))
     model, meta = Registry().load("digits")
-    assert meta["registry"]["version"] == 1
+    assert meta.registry.version == 1
 
 
 def test_register_accepts_a_run_directory_and_rejects_non_checkpoints(tmp_path, keys, ckpts):
@@ -194,7 +186,7 @@ def test_register_accepts_a_run_directory_and_rejects_non_checkpoints(tmp_path, 
     shutil.copytree(ckpts[0][0], run / "checkpoint_000000")
     shutil.copytree(ckpts[1][0], run / "checkpoint_000001")
     mv = r.register(run, "digits", private_key=keys["a"][0])
-    assert mv.metadata["metrics"]["val_acc"] == 0.6  # the best by val_acc
+    assert mv.metadata.metrics["val_acc"] == 0.6  # the best by val_acc
 
 
 # --------------------------------------------------------------------------- tamper matrix
@@ -279,7 +271,7 @@ def test_dev_flag_loads_a_changed_model_loudly_but_never_a_pickle(reg, keys, cap
     _flip_weight_byte(Path(reg.resolve("digits@2").uri), reg)
     with caplog.at_level("WARNING", logger="visionray.registry"):
         model, meta = reg.load("digits@2", [keys["a"][1]], allow_unsigned=True)
-    assert meta["registry"]["version"] == 2
+    assert meta.registry.version == 2
     assert any("DESPITE FAILED VERIFICATION" in r.message and "changed since signing" in r.message
                for r in caplog.records)
     _add_pickle(Path(reg.resolve("digits@2").uri), reg)
@@ -296,7 +288,7 @@ def test_export_copies_a_verifiable_signed_model(reg, keys, tmp_path):
     out = reg.export("digits@best", tmp_path / "exported", public_keys=[keys["a"][1]])
     assert sorted(p.name for p in out.iterdir()) == sorted(VERSION_FILES)
     model, meta = load_dir(out, [keys["a"][1]])
-    assert meta["registry"]["version"] == 1
+    assert meta.registry.version == 1
     with pytest.raises(RegistryError, match="not empty"):
         reg.export("digits@best", out, public_keys=[keys["a"][1]])
     _edit_classes(out, reg)
@@ -330,7 +322,7 @@ def object_store(root: Path):
 
 def test_object_store_protocol_round_trip_and_tamper(tmp_path, keys, ckpts):
     r = Registry("models", filesystem=object_store(tmp_path / "bucket"))
-    assert not r._store.local
+    assert isinstance(r._store, ObjectStore)
     r.register(ckpts[0][0], "digits", alias="best", private_key=keys["a"][0])
     r.register(ckpts[1][0], "digits", private_key=keys["a"][0])
     assert [(v.version, v.aliases) for v in r.list()] == [(1, ("best",)), (2, ())]
@@ -380,7 +372,7 @@ READER = textwrap.dedent("""
         for mv in reg.list("digits") if "digits" in reg.names() else []:
             files = sorted(p.name for p in Path(mv.uri).iterdir())
             assert files == sorted(VERSION_FILES), (mv.version, files)   # never a half-written version
-            assert mv.metadata["registry"]["version"] == mv.version
+            assert mv.metadata.registry.version == mv.version
             seen.add(mv.version)
         for alias in ("best", "production"):
             if "digits" in reg.names() and alias in reg.aliases("digits"):
@@ -416,10 +408,10 @@ def test_concurrent_registrations_from_processes_never_collide(tmp_path, keys, c
     reg = Registry(str(root / "models") if kind == "object" else str(root))
     versions = reg.list("digits")
     assert [v.version for v in versions] == list(range(1, writers * per_writer + 1))
-    origins = {(v.metadata["lineage"]["writer"], v.metadata["lineage"]["i"]) for v in versions}
+    origins = {(v.metadata.lineage["writer"], v.metadata.lineage["i"]) for v in versions}
     assert len(origins) == writers * per_writer  # every registration got its own version
     for v in versions:
-        assert reg.verify(f"digits@{v.version}", [keys["a"][1]]).metadata["registry"]["version"] == v.version
+        assert reg.verify(f"digits@{v.version}", [keys["a"][1]]).metadata.registry.version == v.version
     aliases = reg.aliases("digits")
     assert set(aliases) == {"best", "production"} and all(1 <= a <= len(versions) for a in aliases.values())
     alias_dir = (root / "models" if kind == "object" else root) / "digits" / "aliases"
@@ -521,7 +513,7 @@ def test_register_after_run_uses_the_spec_and_fails_cleanly(tmp_path, keys, ckpt
     spec = RegisterSpec(name="digits", alias="best", registry=str(tmp_path / "r"), signing_key=str(keys["a"][0]))
     register_after_run(spec, ckpts[0][0], lineage={"job": "quick", "run_dir": str(tmp_path)})
     mv = Registry(spec.registry).resolve("digits@best")
-    assert mv.metadata["lineage"]["job"] == "quick" and mv.signed
+    assert mv.metadata.lineage["job"] == "quick" and mv.signed
     unsigned = spec.model_copy(update={"signing_key": None})
     with pytest.raises(typer.Exit) as exc:
         register_after_run(unsigned, ckpts[0][0], lineage={})
@@ -558,7 +550,7 @@ def test_train_with_register_shows_in_models_list(ray_cluster, tmp_path, keys):
     assert len(rows) == 1 and rows[0]["aliases"] == ["best"] and rows[0]["metrics"]["val_acc"] > 0.5
     assert rows[0]["lineage"]["job"] == "regtest"
     model, meta = Registry(str(reg_root)).load("digits@best", [keys["a"][1]])
-    assert meta["epoch"] >= 1
+    assert meta.epoch >= 1
 
 
 # --------------------------------------------------------------------------- what whoever can write the storage tries
@@ -574,7 +566,7 @@ def test_a_traversal_key_in_an_object_store_refuses_the_version_and_writes_nothi
     root = f"/vr-{uuid.uuid4().hex[:8]}"
     r = Registry(f"memory://{root}")
     r.register(ckpts[0][0], "digits", alias="best", private_key=keys["a"][0])
-    assert r.load("digits@best", [keys["a"][1]])[1]["registry"]["version"] == 1
+    assert r.load("digits@best", [keys["a"][1]])[1].registry.version == 1
     target = tmp_path / f"dropped-{uuid.uuid4().hex}"
     depth = len(Path(tempfile.gettempdir()).parts) + 4  # enough '..' to leave any temporary copy
     fsspec.filesystem("memory").pipe(f"{root}/digits/v1/{'../' * depth}{str(target).lstrip('/')}", b"import os\n")
@@ -627,8 +619,8 @@ def test_a_repointed_alias_is_refused_when_loading_by_it(reg, keys, attack, mess
                     lambda: reg.verify("digits@production", [keys["a"][1]])):
         with pytest.raises(VerificationError, match=message):
             attempt()
-    assert reg.load("digits@2", [keys["a"][1]])[1]["registry"]["version"] == 2  # by version: still loads
-    assert reg.load("digits@best", [keys["a"][1]])[1]["registry"]["version"] == 1  # the other alias is intact
+    assert reg.load("digits@2", [keys["a"][1]])[1].registry.version == 2  # by version: still loads
+    assert reg.load("digits@best", [keys["a"][1]])[1].registry.version == 1  # the other alias is intact
 
 
 def test_promote_needs_the_signing_key(reg, keys):
@@ -669,3 +661,27 @@ def test_the_unsigned_warning_names_who_turned_verification_off(reg, keys, caplo
         reg.load("digits@2", [keys["a"][1]], allow_unsigned=True)
     [warning] = [r.message for r in caplog.records if "DESPITE" in r.message]
     assert "allow_unsigned=True from the caller" in warning and "in the environment" not in warning
+
+
+def test_a_registry_version_written_by_visionray_0_1_still_verifies_and_loads():
+    """``tests/fixtures/registry_v0.1`` (signed alias, version 1) was written by the code before
+    the typed contract: it verifies against its public key and loads with the checkpoint's weights."""
+    from visionray.checkpoint import load_model
+
+    reg = Registry(str(FIXTURES / "registry_v0.1"))
+    model, meta = reg.load("legacy@best", public_keys=[FIXTURES / "registry_v0.1.pub"])
+    assert meta.registry.name == "legacy" and meta.registry.version == 1 and meta.registry.signer.startswith("sha256:")
+    assert meta.input_shape == [1, 8, 8] and meta.lineage["job"] == "legacy" and meta.tta == "flip"
+    trained, _ = load_model(FIXTURES / "checkpoint_v0.1")
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))
+    with pytest.raises(VerificationError):
+        reg.load("legacy@best", public_keys=[generate_keys(Path(tempfile.mkdtemp()) / "other")[1]])
+
+
+def test_each_registry_root_gets_its_store_kind(tmp_path):
+    assert isinstance(Registry(str(tmp_path / "a"))._store, LocalStore)
+    file_uri = Registry(f"file://{tmp_path / 'b'}")
+    assert isinstance(file_uri._store, LocalStore) and file_uri.uri == f"file://{tmp_path / 'b'}"
+    assert isinstance(Registry(f"memory://{tmp_path.name}/c")._store, ObjectStore)

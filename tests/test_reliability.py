@@ -19,21 +19,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from visionray.registry.keys import generate_keys, key_fingerprint, public_key_of
 from visionray.registry.layout import ENV_ALLOW_UNSIGNED, ENV_REGISTRY, ENV_SIGNING_KEY, ENV_VERIFY_KEYS, SIGNATURE_FILE, VERSION_FILES
 from visionray.registry.signing import load_dir
-from visionray.checkpoint import METADATA_FILE, MODEL_FILE, save_checkpoint
+from visionray.checkpoint import METADATA_FILE, MODEL_FILE
 from visionray.cli import app
-from visionray.models import create_model
 from visionray.registry.registry import Registry
 from visionray.registry.layout import RegistryError
-from visionray.specs import TrainSpec
+from tests.helpers import make_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
-CLASSES = [str(i) for i in range(10)]
 runner = CliRunner()
 
 
@@ -44,15 +40,9 @@ def _clean_env(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-def make_checkpoint(directory: Path, width: int = 8, seed: int = 0) -> Path:
+def checkpoint_of_width(directory: Path, width: int = 8, seed: int = 0) -> Path:
     """A real checkpoint; ``width`` sets the size of model.safetensors (8: ~20 KB, 96: ~1.3 MB)."""
-    spec = TrainSpec.model_validate({"data": {"image_size": 16}, "model": {"depth": 2, "width": width}})
-    torch.manual_seed(seed)
-    model = create_model("convnet", 10, 1, 16, depth=2, width=width)
-    save_checkpoint(directory, model, spec=spec, model_name="convnet", model_kwargs={"depth": 2, "width": width},
-                    classes=CLASSES, preset=spec.eval_preset(1), metrics={"val_acc": 0.5, "val_loss": 1.0},
-                    epoch=1)
-    return directory
+    return make_checkpoint(directory, kwargs={"depth": 2, "width": width}, seed=seed)[0]
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +52,12 @@ def keys(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("small") / "ckpt", width=8)
+    return checkpoint_of_width(tmp_path_factory.mktemp("small") / "ckpt", width=8)
 
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory) -> Path:
-    return make_checkpoint(tmp_path_factory.mktemp("big") / "ckpt", width=96)
+    return checkpoint_of_width(tmp_path_factory.mktemp("big") / "ckpt", width=96)
 
 
 def cli(*args: str, env: dict[str, str] | None = None):
@@ -225,7 +215,7 @@ def test_unwritable_storage_gives_a_clear_error_and_keeps_readers_working(tmpfs,
     assert _snapshot(reg) == before
     assert_registry_intact(reg, before, keys[1])
     model, meta = reg.load("digits@best", [keys[1]])  # readers are unaffected
-    assert meta["registry"]["version"] == 1
+    assert meta.registry.version == 1
 
 
 def test_keys_generate_on_unwritable_storage_is_clean_and_leaves_no_half_pair(tmpfs):
@@ -478,7 +468,7 @@ def test_every_listener_of_a_local_cluster_is_on_loopback(local_cluster_probe):
 def reg(tmp_path, keys, small) -> Registry:
     r = Registry(str(tmp_path / "registry"))
     r.register(small, "digits", alias="best", private_key=keys[0])
-    r.register(make_checkpoint(tmp_path / "c2", seed=1), "digits", alias="production", private_key=keys[0])
+    r.register(checkpoint_of_width(tmp_path / "c2", seed=1), "digits", alias="production", private_key=keys[0])
     return r
 
 
@@ -523,7 +513,7 @@ def test_a_version_deleted_or_corrupted_after_listing_gives_a_clean_error(reg, k
     # the other version and its alias are untouched
     assert reg.aliases("digits")["best"] == 1
     model, meta = reg.load("digits@best", [keys[1]])
-    assert meta["registry"]["version"] == 1
+    assert meta.registry.version == 1
     res = cli("evaluate", "digits@best", "--registry", reg.root, "--json", env=env)
     assert res.exit_code == 0 and json.loads(res.stdout)["count"] > 0, res.output
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -14,8 +13,8 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from visionray.cli import app
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -28,11 +27,11 @@ def test_loading_a_checkpoint_never_unpickles(tmp_path):
         from visionray import checkpoint as ckpt
         from visionray.models import create_model
         from visionray.specs import TrainSpec
-        spec = TrainSpec()
+        spec = TrainSpec.model_validate({{"model": {{"depth": 1, "width": 4}}}})
         d = Path({str(tmp_path)!r})
-        ckpt.save_checkpoint(d, create_model("convnet", 10, 1, 32, depth=1, width=4), spec=spec, model_name="convnet",
-                             model_kwargs={{"depth": 1, "width": 4}}, classes=[str(i) for i in range(10)],
-                             preset=spec.eval_preset(1), metrics={{}}, epoch=1, train_state={{"epoch": 1}})
+        ckpt.save_checkpoint(d, create_model("convnet", 10, 1, 32, depth=1, width=4), spec=spec,
+                             classes=[str(i) for i in range(10)], preset=spec.eval_preset(1), metrics={{}}, epoch=1,
+                             train_state={{"epoch": 1}})
         events = []
         sys.addaudithook(lambda name, args: events.append(args) if name == "pickle.find_class" else None)
         model, meta = ckpt.load_model(d)
@@ -90,9 +89,8 @@ LOAD_PATHS = textwrap.dedent("""
     tmp = Path(sys.argv[1])
     os.environ["VISIONRAY_STATE_KEY_FILE"] = str(tmp / "state.key")
     spec = TrainSpec.model_validate({"data": {"source": "digits", "image_size": 8}, "model": {"depth": 1, "width": 4}})
-    ckpt.save_checkpoint(tmp / "ckpt", create_model("convnet", 10, 1, 8, depth=1, width=4), spec=spec, model_name="convnet",
-                         model_kwargs={"depth": 1, "width": 4}, classes=[str(i) for i in range(10)],
-                         preset=spec.eval_preset(1), metrics={}, epoch=1)
+    ckpt.save_checkpoint(tmp / "ckpt", create_model("convnet", 10, 1, 8, depth=1, width=4), spec=spec,
+                         classes=[str(i) for i in range(10)], preset=spec.eval_preset(1), metrics={}, epoch=1)
     private, public = generate_keys(tmp / "signer")
     registry = Registry(str(tmp / "registry"))
     registry.register(tmp / "ckpt", "digits", alias="best", private_key=private)

@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -27,17 +26,15 @@ from test_serve_sanitize import HOSTILE, JPEG, MULTI_OK, PNG, encode
 from visionray.registry.keys import generate_keys
 from visionray.registry.layout import VerificationError
 from visionray.registry.registry import Registry
-from visionray.checkpoint import save_checkpoint
 from visionray.cli import app as cli_app
 from visionray.data.folders import list_folder
 from visionray.evaluate import eval_arrays, evaluate_checkpoint, predict_logits
-from visionray.models import create_model
 from visionray.serve.client import Client, loadtest, read_images
-from visionray.specs import EvalPreset, TrainSpec, load_spec
+from visionray.specs import EvalPreset, load_spec
+from tests.helpers import REPO, make_checkpoint
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 SMALL = {"num_cpus": 0.25}  # CPUs per replica in tests
 
@@ -128,7 +125,7 @@ def expected_top1(registry: Path, keys, ref: str, folder: Path) -> tuple[list[Pa
     files, _, _ = list_folder(folder)
     logits = predict_logits(model, meta, eval_arrays(meta, str(folder)).images)
     ev = evaluate_checkpoint(model, meta, str(folder))
-    return files, [meta["classes"][i] for i in logits.argmax(1).tolist()], ev.top1
+    return files, [meta.classes[i] for i in logits.argmax(1).tolist()], ev.top1
 
 
 def served_top1(url: str, files: list[Path], per_request: int) -> list[str]:
@@ -172,12 +169,8 @@ def test_cifar_jpegs_top1_matches_evaluate(serve_url, cifar_tar, tmp_path, keys)
             if len(taken) == 10 and all(v == 20 for v in taken.values()):
                 break
     classes = sorted(taken)
-    torch.manual_seed(0)
     preset = EvalPreset(image_size=32, channels=3, mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26])
-    ckpt_dir = tmp_path / "ckpt"
-    save_checkpoint(ckpt_dir, create_model("convnet", 10, 3, 32, depth=2, width=8), spec=TrainSpec(),
-                    model_name="convnet", model_kwargs={"depth": 2, "width": 8}, classes=classes, preset=preset,
-                    metrics={}, epoch=1)
+    ckpt_dir = make_checkpoint(tmp_path / "ckpt", preset=preset, classes=classes, metrics={})[0]
     registry = tmp_path / "registry"
     Registry(str(registry)).register(ckpt_dir, "cifar", alias="best", private_key=keys[0])
     serve.run(build_app(app_args(registry, keys, model="cifar@best")), name="cifar", route_prefix="/cifar")

@@ -12,15 +12,14 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from visionray.serve.client import Client
+from tests.helpers import REPO
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[1]
 APP = "faults"
 ROUTE = "/faults"
 CLASSIFIERS = 2  # replicas of the model: one may die while the other answers

@@ -20,18 +20,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from visionray.checkpoint import load_model, save_checkpoint
-from visionray.models import create_model
+from visionray.checkpoint import load_model
 from visionray.serve.api import LocalBackend, make_api
 from visionray.serve.config import RateLimitSpec, SanitizerSpec, ServeSpec, load_serve_spec, read_serve_config
 from visionray.serve.predictor import Predictor
 from visionray.serve.decode import configure_pillow, decode_image, to_model_mode
 from visionray.serve.errors import Rejection
 from visionray.serve.sanitize import RateLimiter, check_type, sniff
-from visionray.specs import EvalPreset, TrainSpec
+from visionray.specs import EvalPreset
 from visionray.spec_io import SpecError
+from tests.helpers import REPO, make_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
 LIMITS = SanitizerSpec()
 
 
@@ -178,11 +177,7 @@ MULTIPART = [
 def rgb_checkpoint(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("ckpt") / "rgb"
     preset = EvalPreset(image_size=16, channels=3, mean=[0.5] * 3, std=[0.25] * 3)
-    torch.manual_seed(0)
-    m = create_model("convnet", 10, 3, 16, depth=2, width=8)
-    save_checkpoint(d, m, spec=TrainSpec(), model_name="convnet", model_kwargs={"depth": 2, "width": 8},
-                    classes=[f"c{i}" for i in range(10)], preset=preset, metrics={"val_acc": 0.1}, epoch=1)
-    return d
+    return make_checkpoint(d, preset=preset, classes=[f"c{i}" for i in range(10)], metrics={"val_acc": 0.1})[0]
 
 
 def make_app(checkpoint: Path, **spec_fields):

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from visionray.cli import app
 from visionray.spec_io import SpecError, apply_overrides
 from visionray.specs import TrainSpec, load_spec
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 

@@ -16,8 +16,8 @@ from visionray.cli import app
 from visionray.data.sources import load_splits
 from visionray.evaluate import evaluate_checkpoint
 from visionray.specs import load_spec
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "jobs" / "quickstart.yaml"
 runner = CliRunner()
 
@@ -42,12 +42,12 @@ def test_quickstart_reaches_95_percent_and_checkpoints_round_trip(ray_cluster, t
     assert all(len(r["workers"]) == 2 for r in reports if "metrics" in r)
     best = best_checkpoint(run_dir(spec))
     model, meta = ckpt.load_model(best)
-    assert meta["metrics"]["val_acc"] >= 0.95
-    assert meta["spec"] == spec.model_dump(mode="json", by_alias=True)  # the resolved spec travels along
+    assert meta.metrics["val_acc"] >= 0.95
+    assert meta.spec == spec.model_dump(mode="json", by_alias=True)  # the resolved spec travels along
     assert len(list(Path(run_dir(spec)).glob("checkpoint_*"))) <= spec.checkpoint.keep + 1
     # reloaded weights give the logits the evaluation reports, on the held-out split
     ev = evaluate_checkpoint(model, meta, "val")
-    assert ev.top1 == pytest.approx(meta["metrics"]["val_acc"], abs=1e-6)
+    assert ev.top1 == pytest.approx(meta.metrics["val_acc"], abs=1e-6)
     assert result.checkpoint is not None
     assert _epochs_in_csv(spec) == list(range(1, spec.optim.epochs + 1))
     assert list((Path(run_dir(spec)) / "tensorboard").glob("events.out.tfevents.*"))
@@ -128,7 +128,7 @@ def test_relative_data_path_means_where_the_command_runs(ray_cluster, tmp_path, 
                                  "--set", "output.name=relative"])
     assert result.exit_code == 0, result.output
     _, meta = ckpt.load_model(best_checkpoint(str(tmp_path / "runs" / "relative")))
-    assert meta["spec"]["data"]["path"] == str(tmp_path / "imgs") and meta["classes"] == ["dark", "light"]
+    assert meta.spec["data"]["path"] == str(tmp_path / "imgs") and meta.classes == ["dark", "light"]
 
 
 @pytest.mark.cifar
@@ -167,4 +167,4 @@ def test_streaming_imagefolder_through_ray_data(ray_cluster, tmp_path):
     assert 40 <= round(seen) <= 80  # the training split (about 60 of 80), not twice it
     assert last["val_acc"] > 0.8
     _, meta = ckpt.load_model(best_checkpoint(run_dir(spec)))
-    assert meta["classes"] == ["dark", "light"] and meta["eval_preset"]["image_size"] == 16
+    assert meta.classes == ["dark", "light"] and meta.eval_preset.image_size == 16

@@ -20,8 +20,8 @@ from visionray.tune.run import SearchError, TrialRow, _trainable, build_schedule
 from visionray.tune.seal import ENV_STATE_KEY_FILE, seal, state_key
 from visionray.tune.spec import BEST_DIR, BEST_JSON, PLOT_PNG, SearchSpec, TRIALS_CSV, TRIALS_JSON, experiment_dir, load_search_spec, trial_spec
 from visionray.spec_io import SpecError
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 QUICK = REPO / "tune" / "quickstart.yaml"
 CIFAR = REPO / "tune" / "cifar10-depth-width-aug.yaml"
 
@@ -279,7 +279,7 @@ def test_quickstart_search_early_stops_and_records_a_loadable_best(ray_cluster, 
     assert all(t.checkpoint and Path(t.checkpoint).exists() for t in stopped)
 
     model, meta = load_model(best["checkpoint"])
-    assert meta["metrics"]["val_acc"] == pytest.approx(out.best.best_value)
+    assert meta.metrics["val_acc"] == pytest.approx(out.best.best_value)
     ev = evaluate_checkpoint(model, meta, "val")  # predicts the held-out split through the eval preset
     assert ev.top1 == pytest.approx(out.best.best_value, abs=0.02) and ev.top1 > 0.5
 
@@ -393,7 +393,7 @@ def test_pbt_search_exploits_and_records_a_loadable_best(ray_cluster, tmp_path):
     for step in best["pbt_schedule"]["exploits"]:  # the best trial's learned schedule, if it was exploited
         assert set(step["new_config"]) == set(spec.search.space) and step["donor_reports"] >= 1
     model, meta = load_model(best["checkpoint"])
-    assert meta["metrics"]["val_acc"] == pytest.approx(out.best.best_value)
+    assert meta.metrics["val_acc"] == pytest.approx(out.best.best_value)
     assert evaluate_checkpoint(model, meta, "val").top1 > 0.5
 
 

@@ -9,12 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from visionray import checkpoint as ckpt
+from visionray.checkpoint import CheckpointMeta
 from visionray.data.folders import decode_folder, resolve_folder
-from visionray.data.sources import load_splits, resize_all, to_channels, torchvision_arrays
+from visionray.data.sources import TORCHVISION_SOURCES, load_splits, resize_all, to_channels, torchvision_arrays
 from visionray.data.splits import DataError, ImageArrays
 from visionray.models import tta_logits
-from visionray.specs import DataSpec
 from visionray.transforms import eval_transform
 
 
@@ -47,16 +46,16 @@ class Evaluation:
         }
 
 
-def eval_arrays(meta: dict[str, Any], data: str) -> ImageArrays:
+def eval_arrays(meta: CheckpointMeta, data: str) -> ImageArrays:
     """The images to score. ``val``: the checkpoint's own held-out split (same source, seed and
     fraction as training). ``test``: a torchvision source's test split. Anything else: a path to
     an image folder or archive, every image scored; its class folders must be the model's classes."""
-    preset = ckpt.eval_preset(meta)
-    spec = DataSpec.model_validate(meta["spec"]["data"])
+    preset = meta.eval_preset
+    spec = meta.data_spec()
     if data == "val":
         return load_splits(spec, preset).val
     if data == "test":
-        if spec.source not in ("cifar10", "cifar100", "mnist", "fashion_mnist"):
+        if spec.source not in TORCHVISION_SOURCES:
             raise DataError(f"--data test needs a torchvision source; this model trained on {spec.source!r}")
         images, labels, _ = torchvision_arrays(spec, train=False)
         return ImageArrays(
@@ -65,28 +64,28 @@ def eval_arrays(meta: dict[str, Any], data: str) -> ImageArrays:
         )
     root = resolve_folder(data)
     arrays, classes = decode_folder(root, preset.channels, preset.image_size)
-    unknown = sorted(set(classes) - set(meta["classes"]))
+    unknown = sorted(set(classes) - set(meta.classes))
     if unknown:
-        raise DataError(f"{data}: class folders {unknown} are not classes of this model ({meta['classes']})")
-    remap = torch.tensor([meta["classes"].index(c) for c in classes])
+        raise DataError(f"{data}: class folders {unknown} are not classes of this model ({meta.classes})")
+    remap = torch.tensor([meta.classes.index(c) for c in classes])
     return ImageArrays(arrays.images, remap[arrays.labels])
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, meta: dict[str, Any], images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+def predict_logits(model: torch.nn.Module, meta: CheckpointMeta, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """Logits for uint8 images through the checkpoint's eval preset, with its test-time augmentation."""
-    tf = eval_transform(ckpt.eval_preset(meta))
-    tta = ckpt.tta_mode(meta)
+    tf = eval_transform(meta.eval_preset)
+    tta = meta.tta
     out = []
     for chunk in images.split(batch_size):
         out.append(tta_logits(model, torch.stack([tf(im) for im in chunk]), tta))
-    return torch.cat(out) if out else torch.empty(0, len(meta["classes"]))
+    return torch.cat(out) if out else torch.empty(0, len(meta.classes))
 
 
-def evaluate_checkpoint(model: torch.nn.Module, meta: dict[str, Any], data: str = "val") -> Evaluation:
+def evaluate_checkpoint(model: torch.nn.Module, meta: CheckpointMeta, data: str = "val") -> Evaluation:
     arrays = eval_arrays(meta, data)
     logits = predict_logits(model, meta, arrays.images)
-    n_cls = len(meta["classes"])
+    n_cls = len(meta.classes)
     pred = logits.argmax(1)
     confusion = np.zeros((n_cls, n_cls), dtype=np.int64)
     np.add.at(confusion, (arrays.labels.numpy(), pred.numpy()), 1)
@@ -94,7 +93,7 @@ def evaluate_checkpoint(model: torch.nn.Module, meta: dict[str, Any], data: str 
     if n_cls > 5:
         top5 = (logits.topk(5, 1).indices == arrays.labels[:, None]).any(1).float().mean().item()
     return Evaluation(
-        classes=list(meta["classes"]), confusion=confusion, top1=(pred == arrays.labels).float().mean().item(),
+        classes=list(meta.classes), confusion=confusion, top1=(pred == arrays.labels).float().mean().item(),
         top5=top5, count=len(arrays), data=data,
     )
 

@@ -4,7 +4,7 @@ them counts as best (``best_checkpoint``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
 
 
 from visionray import checkpoint as ckpt
@@ -30,7 +30,7 @@ def local_log_dir(spec: TrainSpec) -> Path:
     return Path(run_dir(spec))
 
 
-def list_checkpoints(directory: str | Path) -> list[tuple[Path, dict[str, Any]]]:
+def list_checkpoints(directory: str | Path) -> list[tuple[Path, ckpt.CheckpointMeta]]:
     """A run directory's checkpoints with their metadata, oldest epoch first."""
     found = []
     for d in sorted(Path(directory).glob("checkpoint_*")):
@@ -38,7 +38,7 @@ def list_checkpoints(directory: str | Path) -> list[tuple[Path, dict[str, Any]]]
             found.append((d, ckpt.read_metadata(d)))
         except ckpt.CheckpointError:
             continue  # a checkpoint Ray is still writing, or one of another format
-    return sorted(found, key=lambda item: item[1]["epoch"])
+    return sorted(found, key=lambda item: item[1].epoch)
 
 
 def completed_epochs(spec: TrainSpec) -> int:
@@ -46,7 +46,7 @@ def completed_epochs(spec: TrainSpec) -> int:
     if "://" in spec.output.storage:
         return 0
     found = list_checkpoints(run_dir(spec))
-    return found[-1][1]["epoch"] if found else 0
+    return found[-1][1].epoch if found else 0
 
 
 def best_checkpoint(directory: str | Path) -> Path:
@@ -57,4 +57,4 @@ def best_checkpoint(directory: str | Path) -> Path:
     found = list_checkpoints(directory)
     if not found:
         raise ckpt.CheckpointError(f"{directory}: neither a checkpoint nor a run directory with checkpoints")
-    return max(found, key=lambda item: (item[1]["metrics"].get("val_acc", 0.0), item[1]["epoch"]))[0]
+    return max(found, key=lambda item: (item[1].metrics.get("val_acc") or 0.0, item[1].epoch))[0]

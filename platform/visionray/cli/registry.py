@@ -54,15 +54,13 @@ def _row(mv: Any) -> dict[str, Any]:
     """The JSON summary of a version."""
     from visionray.registry.registry import iter_metrics
 
-    meta = mv.metadata
-    reg = meta.get("registry", {})
-    lineage = meta.get("lineage", {})
+    meta = mv.metadata  # None: unreadable (``models verify`` says why)
     return {
         "name": mv.name, "version": mv.version, "aliases": list(mv.aliases), "uri": mv.uri,
-        "metrics": dict(iter_metrics(meta)), "architecture": meta.get("model", {}),
-        "classes": meta.get("classes"), "input_shape": meta.get("input_shape"),
-        "registered": reg.get("registered"), "signer": reg.get("signer"),
-        "lineage": lineage,
+        "metrics": dict(iter_metrics(meta)), "architecture": meta.model.model_dump(mode="json") if meta else {},
+        "classes": meta.classes if meta else None, "input_shape": meta.input_shape if meta else None,
+        "registered": meta.registry.registered if meta else None, "signer": meta.registry.signer if meta else None,
+        "lineage": meta.lineage if meta else {},
     }
 
 
@@ -102,14 +100,15 @@ def list_(
         table.add_column(col, justify=just, overflow="fold")
     for mv in versions:
         meta = mv.metadata
-        m = meta.get("metrics") or {}
-        arch = meta.get("model", {})
-        args = ",".join(f"{k}={v}" for k, v in (arch.get("kwargs") or {}).items())
+        if meta is None:
+            table.add_row(mv.name, f"v{mv.version}", ", ".join(mv.aliases) or "-", "-", "-",
+                          "[red]unreadable metadata[/]", "-", "-", "[red]NO[/]")
+            continue
+        args = ",".join(f"{k}={v}" for k, v in meta.model.kwargs.items())
         table.add_row(
-            mv.name, f"v{mv.version}", ", ".join(mv.aliases) or "-", fmt(m.get("val_acc")), fmt(m.get("val_loss")),
-            f"{arch.get('name', '?')}({args})", _source(meta.get("lineage", {})),
-            str(meta.get("registry", {}).get("registered", "-")).replace("T", " ").rstrip("Z")[:16],
-            "yes" if mv.signed else "[red]NO[/]",
+            mv.name, f"v{mv.version}", ", ".join(mv.aliases) or "-", fmt(meta.metrics.get("val_acc")),
+            fmt(meta.metrics.get("val_loss")), f"{meta.model.name}({args})", _source(meta.lineage),
+            meta.registry.registered.replace("T", " ").rstrip("Z")[:16], "yes" if mv.signed else "[red]NO[/]",
         )
     console.print(table)
 
@@ -125,26 +124,27 @@ def show(
         mv = _registry(registry).resolve(ref)
     meta = mv.metadata
     if as_json:
-        print(json.dumps({**_row(mv), "metadata": meta}))
+        print(json.dumps({**_row(mv), "metadata": meta.model_dump(mode="json") if meta else None}))
         return
-    reg = meta.get("registry", {})
+    if meta is None:
+        fail([f"{mv.ref}: its {'metadata.json'} is unreadable or not a version's; `visionray models verify "
+              f"{mv.ref}` says what is wrong"], f"{mv.ref}: no metadata", code=1)
     table = Table(show_header=False, title=f"{mv.name} v{mv.version}")
-    arch = meta.get("model", {})
     rows = [
         ("uri", mv.uri),
         ("aliases", ", ".join(mv.aliases) or "-"),
-        ("architecture", f"{arch.get('name')} {json.dumps(arch.get('kwargs', {}))}"),
-        ("input shape", "x".join(map(str, meta.get("input_shape", []))) or "-"),
-        ("classes", f"{len(meta.get('classes', []))}: {', '.join(map(str, meta.get('classes', [])[:20]))}"
-                    + (" ..." if len(meta.get("classes", [])) > 20 else "")),
-        ("eval preset", json.dumps(meta.get("eval_preset", {}))),
-        ("metrics", ", ".join(f"{k}={fmt(v)}" for k, v in (meta.get("metrics") or {}).items()) or "-"),
-        ("epoch", str(meta.get("epoch", "-"))),
-        *((f"lineage.{k}", str(v)) for k, v in meta.get("lineage", {}).items() if not isinstance(v, dict)),
-        ("trained with", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())),
-        ("created", str(meta.get("created", "-"))),
-        ("registered", str(reg.get("registered", "-"))),
-        ("signer", str(reg.get("signer") or "UNSIGNED")),
+        ("architecture", f"{meta.model.name} {json.dumps(meta.model.kwargs)}"),
+        ("input shape", "x".join(map(str, meta.input_shape))),
+        ("classes", f"{len(meta.classes)}: {', '.join(meta.classes[:20])}" + (" ..." if len(meta.classes) > 20 else "")),
+        ("eval preset", meta.eval_preset.model_dump_json()),
+        ("test-time augmentation", meta.tta),
+        ("metrics", ", ".join(f"{k}={fmt(v)}" for k, v in meta.metrics.items()) or "-"),
+        ("epoch", str(meta.epoch)),
+        *((f"lineage.{k}", str(v)) for k, v in meta.lineage.items() if not isinstance(v, dict)),
+        ("trained with", ", ".join(f"{k} {v}" for k, v in meta.versions.items())),
+        ("created", meta.created),
+        ("registered", meta.registry.registered),
+        ("signer", meta.registry.signer or "UNSIGNED"),
     ]
     for k, v in rows:
         table.add_row(k, v)
@@ -171,7 +171,7 @@ def register_(
 
 
 def _registered_line(mv: Any) -> None:
-    acc = (mv.metadata.get("metrics") or {}).get("val_acc")
+    acc = mv.metadata.metrics.get("val_acc") if mv.metadata else None
     console.print(f"[green]registered[/] {mv.name} v{mv.version}"
                   + (f" ({', '.join(mv.aliases)})" if mv.aliases else "")
                   + (f" val acc {acc:.4f}" if isinstance(acc, float) else "")
@@ -224,10 +224,10 @@ def verify_(
         try:
             if Path(ref).is_dir() and is_model_dir(ref):
                 meta = verify_dir(ref, _keys(public_key), allow_unsigned=False)
-                label, signer = ref, meta.get("registry", {}).get("signer")
+                label, signer = ref, meta.registry.signer
             else:
                 mv = _registry(registry).verify(ref, _keys(public_key))
-                label, signer = mv.ref, mv.metadata.get("registry", {}).get("signer")
+                label, signer = mv.ref, mv.metadata.registry.signer
         except VerificationError as exc:
             if as_json:
                 print(json.dumps({"ref": ref, "verified": False, "error": str(exc)}))

@@ -135,15 +135,15 @@ def _summary(spec, best: Any, seconds: float) -> None:
     table = Table(show_header=False, title="summary")
     table.add_row("job", spec.output.name)
     if meta:
-        m = meta["metrics"]
-        table.add_row("best epoch", f"{meta['epoch']}/{spec.optim.epochs}")
+        m = meta.metrics
+        table.add_row("best epoch", f"{meta.epoch}/{spec.optim.epochs}")
         table.add_row("val accuracy", f"{m['val_acc']:.4f}" + (f" (top-5 {m['val_top5']:.4f})" if "val_top5" in m else ""))
     table.add_row("checkpoint", str(best))
     table.add_row("metrics", f"{spec.output.storage}/{spec.output.name}/metrics.csv, tensorboard/")
     table.add_row("wall time", f"{seconds:.0f} s")
     console.print(table)
     if meta:
-        console.print(f"val accuracy {meta['metrics']['val_acc']:.4f}  checkpoint {best}")
+        console.print(f"val accuracy {meta.metrics['val_acc']:.4f}  checkpoint {best}")
 
 
 # --------------------------------------------------------------------------- evaluate

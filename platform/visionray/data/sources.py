@@ -102,14 +102,14 @@ def _synthetic(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
     return _finish(images, labels, [f"class_{i}" for i in range(spec.num_classes)], spec, preset)
 
 
-_TORCHVISION = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+TORCHVISION_SOURCES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100", "mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 
 
 def torchvision_arrays(spec: DataSpec, train: bool) -> tuple[torch.Tensor, np.ndarray, list[str]]:
     import torchvision
 
     root = Path(spec.root or defaults.CACHE_DIR / "torchvision").expanduser()
-    cls = getattr(torchvision.datasets, _TORCHVISION[spec.source])
+    cls = getattr(torchvision.datasets, TORCHVISION_SOURCES[spec.source])
     try:
         ds = cls(str(root), train=train, download=spec.download)
     except Exception as exc:  # torchvision raises RuntimeError (missing) or URLError/OSError (download)
@@ -128,7 +128,7 @@ def _torchvision_source(spec: DataSpec, preset: EvalPreset | None) -> DataSplits
     return _finish(images, labels, classes, spec, preset)
 
 
-for _name in _TORCHVISION:
+for _name in TORCHVISION_SOURCES:
     register_source(_name)(_torchvision_source)
 
 

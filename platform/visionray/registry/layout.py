@@ -6,8 +6,12 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
 
 from visionray import checkpoint as ckpt
+from visionray.spec_io import Strict
 
 FORMAT = "visionray-model/1"
 ALIAS_FORMAT = "visionray-alias/1"
@@ -15,6 +19,28 @@ MODEL_FILE = ckpt.MODEL_FILE  # model.safetensors
 METADATA_FILE = ckpt.METADATA_FILE  # metadata.json
 SIGNATURE_FILE = "model.sig"
 VERSION_FILES = (MODEL_FILE, METADATA_FILE, SIGNATURE_FILE)
+
+
+
+class RegistryRecord(Strict):
+    """Which version this is, who signed it, when and with what it was registered."""
+
+    name: str
+    version: int = Field(ge=1)
+    signer: str | None = Field(None, description="sha256 fingerprint of the signing key; None: unsigned")
+    registered: str = Field(description="UTC, ISO 8601")
+    versions: dict[str, str] = Field(default_factory=dict)
+
+
+class VersionMeta(ckpt.CheckpointMeta):
+    """``metadata.json`` of a registry version (or an export of one): the checkpoint's metadata,
+    signed together with the weights, plus its input shape, lineage and registry record."""
+
+    format: Literal["visionray-model/1"] = FORMAT
+    input_shape: list[int] = Field(min_length=3, max_length=3, description="C, H, W of one input image")
+    lineage: dict[str, Any] = Field(default_factory=dict, description="the run, trial or checkpoint it came from")
+    registry: RegistryRecord
+
 
 ENV_REGISTRY = "VISIONRAY_REGISTRY"
 ENV_SIGNING_KEY = "VISIONRAY_SIGNING_KEY"

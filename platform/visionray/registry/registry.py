@@ -38,8 +38,8 @@ import torch
 from visionray import checkpoint as ckpt
 from visionray.registry.aliases import AliasRecord, sign_alias, verify_alias
 from visionray.registry.keys import key_fingerprint, public_key_of
-from visionray.registry.layout import (ENV_ALLOW_UNSIGNED, ENV_SIGNING_KEY, FORMAT, METADATA_FILE, MODEL_FILE,
-                                       RegistryError, VerificationError, allow_unsigned, allow_unsigned_from_env,
+from visionray.registry.layout import (ENV_ALLOW_UNSIGNED, ENV_SIGNING_KEY, METADATA_FILE, MODEL_FILE,
+                                       RegistryError, RegistryRecord, VerificationError, VersionMeta, allow_unsigned, allow_unsigned_from_env,
                                        default_registry_root, signing_key_path, storage_error, unsigned_reason,
                                        verify_key_paths)
 from visionray.registry.signing import build, sign_dir, verify_dir
@@ -57,10 +57,13 @@ CLAIM_BACKOFF_MAX_S = 1.0  # s; randomised exponential backoff between contested
 
 @dataclass(frozen=True)
 class ModelVersion:
+    """One version as listed: its metadata as stored (None when unreadable or not a version's;
+    ``verify`` and ``load`` say what is wrong), or verified when ``verify`` returned it."""
+
     name: str
     version: int
     uri: str
-    metadata: dict
+    metadata: VersionMeta | None
     aliases: tuple[str, ...]
 
     @property
@@ -69,7 +72,7 @@ class ModelVersion:
 
     @property
     def signed(self) -> bool:
-        return bool(self.metadata.get("registry", {}).get("signer"))
+        return self.metadata is not None and self.metadata.registry.signer is not None
 
 
 # --------------------------------------------------------------------------- the registry
@@ -147,11 +150,9 @@ class Registry:
     def _version(self, name: str, version: int, aliases: dict[str, int]) -> ModelVersion:
         try:
             text = self._store.read_text(name, f"v{version}", METADATA_FILE)
-            meta = json.loads(text) if text is not None else {}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            meta = {}  # listed as is; `verify` and `load` say what is wrong
-        if not isinstance(meta, dict):
-            meta = {}
+            meta = VersionMeta.model_validate_json(text) if text is not None else None
+        except (OSError, UnicodeDecodeError, ValueError):  # pydantic's ValidationError is a ValueError
+            meta = None  # listed as is; `verify` and `load` say what is wrong
         return ModelVersion(
             name=name, version=version, uri=self._store.uri(name, f"v{version}"), metadata=meta,
             aliases=tuple(a for a, v in aliases.items() if v == version),
@@ -245,7 +246,7 @@ class Registry:
                 build(staged, meta, str(source), "cpu")  # the weights fit the architecture the metadata names
                 version = self._claim_next(name)
                 record = self._metadata(meta, name, version, checkpoint_dir, lineage, signer)
-                (staged / METADATA_FILE).write_text(json.dumps(record, indent=2))
+                (staged / METADATA_FILE).write_text(record.model_dump_json(indent=2))
                 if key is not None:
                     sign_dir(staged, key)
                 self._store.publish(staged, name, version)
@@ -279,21 +280,19 @@ class Registry:
                             "is the registry writable and its listing consistent?")
 
     @staticmethod
-    def _metadata(meta: dict[str, Any], name: str, version: int, given: str | Path,
-                  lineage: dict | None, signer: str | None) -> dict[str, Any]:
-        record = dict(meta)
-        record["format"] = FORMAT
-        record["input_shape"] = [meta["model"]["in_channels"], meta["model"]["image_size"], meta["model"]["image_size"]]
-        record["lineage"] = _json_ready({
-            **(lineage or {}),
-            "source_checkpoint": str(given) if "://" in str(given) else str(Path(given).resolve()),
-            "source_format": meta.get("format"),
-        })
-        record["registry"] = {
-            "name": name, "version": version, "signer": signer,
-            "registered": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "versions": ckpt.versions(),
-        }
-        return record
+    def _metadata(meta: ckpt.CheckpointMeta, name: str, version: int, given: str | Path,
+                  lineage: dict | None, signer: str | None) -> VersionMeta:
+        return VersionMeta(
+            **{k: getattr(meta, k) for k in ckpt.CheckpointMeta.model_fields if k != "format"},
+            input_shape=[meta.model.in_channels, meta.model.image_size, meta.model.image_size],
+            lineage=_json_ready({
+                **(lineage or {}),
+                "source_checkpoint": str(given) if "://" in str(given) else str(Path(given).resolve()),
+                "source_format": meta.format,
+            }),
+            registry=RegistryRecord(name=name, version=version, signer=signer, versions=ckpt.versions(),
+                                    registered=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())),
+        )
 
     def promote(self, name: str, version: int, alias: str, *, private_key: str | Path | None = None) -> None:
         """Point ``alias`` at ``version`` in one atomic write of a record signed with ``private_key``
@@ -331,7 +330,7 @@ class Registry:
     def load(
         self, ref: str, public_keys: list[str | Path] | None = None, *, allow_unsigned: bool | None = None,
         device: str = "cpu",
-    ) -> tuple[torch.nn.Module, dict]:
+    ) -> tuple[torch.nn.Module, VersionMeta]:
         """Verify, then build the model (eval mode) from safetensors and JSON only."""
         mv = self.resolve(ref, _trusted(public_keys), allow_unsigned=allow_unsigned)
         with self._fetched(mv) as copy:
@@ -413,9 +412,9 @@ class _local_checkpoint:
             self.tmp.cleanup()
 
 
-def iter_metrics(meta: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+def iter_metrics(meta: ckpt.CheckpointMeta | None) -> Iterator[tuple[str, Any]]:
     """The headline metrics of a version's metadata, in display order."""
-    metrics = meta.get("metrics") or {}
+    metrics = meta.metrics if meta is not None else {}
     for key in ("val_acc", "val_top5", "val_loss", "train_loss"):
         if key in metrics:
             yield key, metrics[key]

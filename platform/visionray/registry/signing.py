@@ -13,14 +13,14 @@ import shutil
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
+
 
 import torch
 
 from visionray import checkpoint as ckpt
 from visionray.registry.keys import check_public_key
 from visionray.registry.layout import (ENV_VERIFY_KEYS, FORMAT, METADATA_FILE, MODEL_FILE, PICKLE_SUFFIXES, SIGNATURE_FILE,
-                                       VERSION_FILES, RegistryError, VerificationError, allow_unsigned_from_env,
+                                       VERSION_FILES, RegistryError, VerificationError, VersionMeta, allow_unsigned_from_env,
                                        unsigned_reason, verify_key_paths)
 
 log = logging.getLogger("visionray.registry")
@@ -130,21 +130,18 @@ def _check_files(directory: Path, label: str) -> None:
             raise VerificationError(f"{label}: {name} is missing")
 
 
-def _read_version_metadata(directory: Path, label: str) -> dict[str, Any]:
+def _read_version_metadata(directory: Path, label: str) -> VersionMeta:
     try:
-        meta = json.loads((directory / METADATA_FILE).read_text())
+        raw = json.loads((directory / METADATA_FILE).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise VerificationError(f"{label}: {METADATA_FILE} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise VerificationError(f"{label}: {METADATA_FILE} has format {got!r}, expected {FORMAT!r}")
-    return meta
+    return ckpt.parse_metadata(raw, VersionMeta, f"{label}: {METADATA_FILE}", VerificationError)
 
 
 def verify_dir(
     directory: str | Path, public_keys: list[str | Path] | None = None, *, allow_unsigned: bool | None = None,
     expect: tuple[str, int] | None = None, label: str | None = None,
-) -> dict[str, Any]:
+) -> VersionMeta:
     """Verify a model version directory (in a registry or exported) and return its metadata.
 
     Always refused: pickle files, unexpected files, links, unreadable metadata. Refused unless
@@ -171,10 +168,9 @@ def verify_dir(
         signer = _check_signature(directory, keys, label)
         meta = _read_version_metadata(directory, label)
         if expect is not None:
-            reg = meta.get("registry", {})
-            if (reg.get("name"), reg.get("version")) != expect:
+            if (meta.registry.name, meta.registry.version) != expect:
                 raise VerificationError(
-                    f"{label}: its signed metadata says {reg.get('name')}@v{reg.get('version')}, but it is stored as "
+                    f"{label}: its signed metadata says {meta.registry.name}@v{meta.registry.version}, but it is stored as "
                     f"{expect[0]}@v{expect[1]}: files were moved between versions; do not load it")
         if unsigned_ok:
             log.warning("!!! %s: unsigned or changed models load without verification; %s happened to verify. "
@@ -192,7 +188,7 @@ def verify_dir(
 def load_dir(
     directory: str | Path, public_keys: list[str | Path] | None = None, *, allow_unsigned: bool | None = None,
     device: str = "cpu", expect: tuple[str, int] | None = None, label: str | None = None,
-) -> tuple[torch.nn.Module, dict[str, Any]]:
+) -> tuple[torch.nn.Module, VersionMeta]:
     """Verify, then build the model from safetensors + JSON of a version directory.
 
     The files are copied to a private temporary directory first, so the bytes verified are the
@@ -212,22 +208,9 @@ def load_dir(
         return build(copy, meta, label, device), meta
 
 
-def build(directory: Path, meta: dict[str, Any], label: str, device: str) -> torch.nn.Module:
-    from safetensors.torch import load_file
-
-    try:
-        model = ckpt.build_model(meta)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise RegistryError(f"{label}: metadata does not describe a model this VisionRay can build ({exc})") from None
-    try:
-        state = load_file(str(directory / MODEL_FILE), device=str(device))
-    except Exception as exc:  # safetensors' own error types for corrupt headers
-        raise VerificationError(f"{label}: {MODEL_FILE} is not readable safetensors ({exc})") from None
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise RegistryError(f"{label}: weights do not fit {meta['model']['name']} ({exc})") from None
-    return model.to(device).eval()
+def build(directory: Path, meta: ckpt.CheckpointMeta, label: str, device: str) -> torch.nn.Module:
+    """The model of a verified private copy (or of a checkpoint being registered)."""
+    return ckpt.model_from(directory, meta, device, label, unreadable=VerificationError)
 
 
 def is_model_dir(path: str | Path) -> bool:

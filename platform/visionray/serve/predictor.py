@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from visionray.checkpoint import eval_preset, tta_mode
+from visionray.checkpoint import CheckpointMeta
 from visionray.models import tta_logits
 from visionray.serve.config import ServeSpec
 from visionray.transforms import eval_transform
@@ -73,7 +73,7 @@ def pick_device(setting: str) -> torch.device:
     return torch.device("cpu")
 
 
-def load_source(source: Source, device: torch.device) -> tuple[torch.nn.Module, dict[str, Any], str, int | None]:
+def load_source(source: Source, device: torch.device) -> tuple[torch.nn.Module, CheckpointMeta, str, int | None]:
     """(model, metadata, name, version). A registry model is verified against the keys before its
     weights are read; ``VerificationError`` when it is unsigned, tampered or signed by another key."""
     if source.checkpoint is not None:
@@ -82,13 +82,13 @@ def load_source(source: Source, device: torch.device) -> tuple[torch.nn.Module, 
         assert source.allow_unsigned, "ServeSpec requires allow_unsigned for checkpoint directories"
         logger.warning("serving UNSIGNED checkpoint %s (%s: development only)", source.checkpoint, UNSIGNED_BY)
         model, meta = load_model(source.checkpoint, device=device)
-        return model, meta, meta.get("spec", {}).get("output", {}).get("name", Path(source.checkpoint).name), None
+        return model, meta, meta.job_name or Path(source.checkpoint).name, None
     from visionray.registry.registry import Registry
 
     model, meta = Registry(source.registry).load(
         source.ref, public_keys=list(source.public_keys), allow_unsigned=source.allow_unsigned, device=str(device),
     )
-    return model, meta, meta["registry"]["name"], int(meta["registry"]["version"])
+    return model, meta, meta.registry.name, meta.registry.version
 
 
 @dataclass(frozen=True)
@@ -101,16 +101,16 @@ class Label:
 class Predictor:
     """A model, its eval preset and its device; ``predict`` classifies decoded uint8 (C, H, W) arrays."""
 
-    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], name: str, version: int | None,
+    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, name: str, version: int | None,
                  device: torch.device):
         self.meta = meta
         self.name = name
         self.version = version
         self.device = device
-        self.preset = eval_preset(meta)
+        self.preset = meta.eval_preset
         self.transform = eval_transform(self.preset)
-        self.tta = tta_mode(meta)  # the same test-time views as the checkpoint's evaluation
-        self.classes: list[str] = list(meta["classes"])
+        self.tta = meta.tta  # the same test-time views as the checkpoint's evaluation
+        self.classes: list[str] = list(meta.classes)
         self.half = device.type == "cuda"
         model = model.to(device).eval()
         if self.half:
@@ -118,15 +118,14 @@ class Predictor:
         self.model = model
 
     def info(self) -> dict[str, Any]:
-        m = self.meta["model"]
         return {
             "name": self.name,
             "version": self.version,
-            "architecture": m["name"],
+            "architecture": self.meta.model.name,
             "classes": self.classes,
             "input": {"channels": self.preset.channels, "image_size": self.preset.image_size},
             "eval_preset": self.preset.model_dump(mode="json"),
-            "metrics": self.meta.get("metrics", {}),
+            "metrics": dict(self.meta.metrics),
             "device": str(self.device),
             "precision": "fp16" if self.half else "fp32",
             "tta": self.tta,

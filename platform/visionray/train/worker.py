@@ -134,7 +134,7 @@ class Worker:
 
     def save(self, directory: Path, metrics: dict[str, Any], epoch: int) -> None:
         ckpt.save_checkpoint(
-            directory, self.model, spec=self.spec, model_name=self.spec.model.name, model_kwargs=self.model_kwargs,
+            directory, self.model, spec=self.spec,
             classes=self.classes, preset=self.preset, metrics=metrics, epoch=epoch,
             train_state={
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

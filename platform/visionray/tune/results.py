@@ -191,7 +191,7 @@ def record_best(spec: SearchSpec, best: TrialSummary, exp_path: Path) -> Path:
         "experiment": spec.output.name, "trial_id": best.trial_id, "checkpoint": str(target),
         "source_checkpoint": best.checkpoint, "metric": spec.metric, "mode": spec.mode, "value": best.best_value,
         "epoch": best.best_epoch, "num_params": best.num_params, "params": best.params, "selection": SELECTION_RULE,
-        "spec": meta.get("spec"),
+        "spec": meta.spec,
         **({"pbt_schedule": pbt_schedule(exp_path, best.trial_id)} if isinstance(spec.scheduler, PbtSpec) else {}),
     }, indent=2, default=str))
     return target

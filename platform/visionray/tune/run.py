@@ -137,9 +137,9 @@ def run_trial_in_process(config: dict[str, Any], search: SearchSpec) -> None:
     restored = tune.get_checkpoint()
     with restored.as_directory() if restored else contextlib.nullcontext() as restore_dir:
         meta = ckpt.read_metadata(Path(restore_dir)) if restore_dir else None
-        if meta is not None and meta["epoch"] >= spec.optim.epochs:
+        if meta is not None and meta.epoch >= spec.optim.epochs:
             # PBT handed this trial a finished trial's checkpoint: it ends as that copy, at the last epoch
-            tune.report(meta["metrics"], checkpoint=tune.Checkpoint.from_directory(restore_dir))
+            tune.report(dict(meta.metrics), checkpoint=tune.Checkpoint.from_directory(restore_dir))
             return
         worker = Worker(spec, 0, 1, device, restore_dir=Path(restore_dir) if restore_dir else None)
     run_epochs(worker, lambda metrics, directory, epoch: tune.report(

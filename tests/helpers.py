@@ -1,0 +1,40 @@
+"""What many test modules share: the repository's path, and a real checkpoint factory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from visionray.checkpoint import save_checkpoint
+from visionray.models import create_model
+from visionray.specs import EvalPreset, TrainSpec
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
+FIXTURES = REPO / "tests" / "fixtures"  # a checkpoint and a registry written by VisionRay 0.1.0 (format 1)
+CLASSES = [str(i) for i in range(10)]
+
+
+def make_checkpoint(
+    directory: Path, *, arch: str = "convnet", kwargs: dict[str, Any] | None = None, channels: int = 1,
+    size: int = 16, classes: list[str] = CLASSES, preset: EvalPreset | None = None, tta: str = "none",
+    metrics: dict[str, Any] | None = None, epoch: int = 1, seed: int = 0, train_state: dict[str, Any] | None = None,
+    spec: dict[str, Any] | None = None,
+) -> tuple[Path, torch.nn.Module]:
+    """A real (untrained, seeded) checkpoint of ``arch(**kwargs)`` at ``directory``, through
+    ``save_checkpoint``: the architecture comes from the spec's model section, as in training.
+    ``spec`` adds sections to the TrainSpec; ``preset`` replaces the spec's eval preset.
+    Returns (directory, the model in eval mode). With ``width`` 8 the weights are ~20 KB."""
+    kwargs = {"depth": 2, "width": 8} if kwargs is None else kwargs
+    train = TrainSpec.model_validate({
+        "data": {"image_size": size}, "model": {"name": arch, **kwargs}, "evaluation": {"tta": tta}, **(spec or {}),
+    })
+    preset = preset or train.eval_preset(channels)
+    torch.manual_seed(seed)
+    model = create_model(arch, len(classes), preset.channels, preset.image_size, **kwargs)
+    save_checkpoint(directory, model, spec=train, classes=list(classes), preset=preset,
+                    metrics=metrics if metrics is not None else {"val_acc": 0.5, "val_loss": 1.0}, epoch=epoch,
+                    train_state=train_state)
+    return directory, model.eval()
