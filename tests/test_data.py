@@ -167,16 +167,35 @@ def test_limit_indices_are_sorted_distinct_and_bounded(n, limit):
     assert np.all(np.diff(idx) > 0) and (len(idx) == 0 or (idx.min() >= 0 and idx.max() < n))
 
 
-def test_imagefolder_refuses_archive_members_escaping_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(defaults, "CACHE_DIR", tmp_path / "cache")
+@pytest.mark.parametrize("member, kind, refused", [
+    ("../escaped.txt", tarfile.REGTYPE, True),  # would land next to the extraction directory (cache/extracted/)
+    ("../../escaped.txt", tarfile.REGTYPE, True),  # in cache/
+    ("../../../escaped.txt", tarfile.REGTYPE, True),  # beside cache/
+    ("/tmp/escaped-{tmp}.txt", tarfile.REGTYPE, False),  # absolute: made relative, stays inside
+    ("link", tarfile.SYMTYPE, True),  # a link out of the tree, then a file through it
+])
+def test_imagefolder_refuses_archive_members_escaping_the_cache(tmp_path, monkeypatch, member, kind, refused):
+    monkeypatch.setattr(defaults, "CACHE_DIR", tmp_path / "work" / "cache")
     archive = tmp_path / "evil.tar"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    member = member.format(tmp=tmp_path.name)
     with tarfile.open(archive, "w") as tar:
-        info = tarfile.TarInfo("../../escaped.txt")
+        info = tarfile.TarInfo(member)
+        info.type = kind
+        if kind == tarfile.SYMTYPE:
+            info.linkname = str(outside)
+            tar.addfile(info)
+            info = tarfile.TarInfo("link/escaped.txt")
         info.size = 3
         tar.addfile(info, io.BytesIO(b"bad"))
-    with pytest.raises(Exception):
+    with pytest.raises(DataError, match="not a readable tar archive" if refused else "at least 2"):
         load_splits(DataSpec(source="imagefolder", path=str(archive)))
-    assert not (tmp_path / "escaped.txt").exists()
+    extracted = defaults.CACHE_DIR / "extracted"
+    landed = [p for p in tmp_path.rglob("escaped*") if p.is_file() and extracted not in p.parents]
+    assert landed == [] and not list(Path("/tmp").glob(f"escaped-{tmp_path.name}.txt"))
+    if refused:  # nothing of a refused archive stays in the cache
+        assert not extracted.exists() or not any(p.name.startswith("evil") for p in extracted.iterdir())
 
 
 @pytest.mark.parametrize("make,word", [

@@ -15,20 +15,38 @@ def _preset(channels: int, **kw) -> EvalPreset:
 
 
 def _images(channels: int) -> torch.Tensor:
-    return torch.randint(0, 256, (4, channels, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    """Four images with structure (a ramp, so crops and flips show) and a narrow range (so contrast
+    stretching shows), plus noise."""
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(60, 180, 32).view(1, 1, 1, 32).expand(4, channels, 32, 32)
+    noise = torch.randint(-20, 20, (4, channels, 32, 32), generator=g)
+    tint = torch.randint(-15, 15, (4, channels, 1, 1), generator=g)
+    return (ramp + noise + tint).clamp(0, 255).to(torch.uint8)
+
+
+RANDOM_OPS = ("flip_crop", "autoaugment", "randaugment", "trivialaugment", "brightness_contrast", "color_balance")
+IDENTITY = {("none", 1), ("none", 3), ("grayscale", 1), ("color_balance", 1)}  # grey images have no colour to change
 
 
 @pytest.mark.parametrize("op", AUGMENT_OPS)
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_op_is_deterministic_under_a_seed(op, channels):
+    """Same seed, same output; and the op does something: it changes the images (unless it is an
+    identity by definition), and a random op draws differently under another seed."""
     spec = TrainSpec.model_validate({"augment": [op]})
     tf = train_transform(_preset(channels), spec.augment)
-    outs = []
-    for _ in range(2):
-        torch.manual_seed(123)
-        outs.append(torch.stack([tf(im) for im in _images(channels)]))
-    assert outs[0].shape == (4, channels, 32, 32) and outs[0].dtype == torch.float32
-    assert torch.equal(outs[0], outs[1])
+
+    def run(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return torch.stack([tf(im) for im in _images(channels)])
+
+    first, again = run(123), run(123)
+    assert first.shape == (4, channels, 32, 32) and first.dtype == torch.float32
+    assert torch.equal(first, again)
+    plain = torch.stack([eval_transform(_preset(channels))(im) for im in _images(channels)])
+    assert torch.equal(first, plain) == ((op, channels) in IDENTITY)
+    if op in RANDOM_OPS and (op, channels) not in IDENTITY:
+        assert any(not torch.equal(first, run(seed)) for seed in (1, 2, 3))
 
 
 def test_binarize_leaves_two_levels():

@@ -145,12 +145,12 @@ class RateLimiter:
 # --------------------------------------------------------------------------- ASGI middleware
 
 
-_REQUEST_ID = re.compile(rb"^[A-Za-z0-9._-]{1,128}$")
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._-]{1,128}")  # always fullmatch: "$" would let a trailing newline in
 
 
 def _request_id(scope: dict) -> str:
     for key, value in scope.get("headers", []):
-        if key.lower() == b"x-request-id" and _REQUEST_ID.match(value):
+        if key.lower() == b"x-request-id" and _REQUEST_ID.fullmatch(value):
             return value.decode()
     return uuid.uuid4().hex
 
