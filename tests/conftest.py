@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-CIFAR_TAR = REPO.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
+from tests.helpers import CIFAR_TAR, REPO
+
+
+def pytest_collection_modifyitems(config, items):
+    """A test that needs the Ray cluster is slow by definition: ``-m "not slow"`` starts no Ray."""
+    for item in items:
+        if "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +26,9 @@ def ray_cluster():
     from visionray.cluster.local import init_ray, local_cluster_env
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    # Workers import functions defined in test modules by name: put tests/ on their path.
-    path = os.pathsep.join(p for p in (str(REPO / "tests"), os.environ.get("PYTHONPATH", "")) if p)
+    # Workers import functions defined in test modules by name (tests.<stage>.test_<module>): put the
+    # repository on their path.
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
     if not ray.is_initialized():
         with local_cluster_env():
             ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1",

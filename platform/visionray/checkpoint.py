@@ -25,7 +25,8 @@ from torch import nn
 import visionray
 from visionray.models import TTA_MODES, create_model
 from visionray.spec_io import Strict
-from visionray.specs import DataSpec, EvalPreset, TrainSpec, format_errors
+from visionray.spec_io import format_errors
+from visionray.specs import DataSpec, EvalPreset, TrainSpec
 
 FORMAT = "visionray-checkpoint/1"
 MODEL_FILE = "model.safetensors"

@@ -17,7 +17,7 @@ from pydantic import Field
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from visionray.spec_io import Strict
+from visionray.spec_io import UNION_TAGS, Strict
 
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 
@@ -39,6 +39,7 @@ def register_op(cls: type[Op]) -> type[Op]:
     name = cls.model_fields["op"].default
     assert name not in _OPS, f"op {name!r} registered twice"
     _OPS[name] = cls
+    UNION_TAGS.add(name)
     return cls
 
 

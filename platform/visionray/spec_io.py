@@ -9,7 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+# One pattern for model names and one for aliases, shared by specs, the registry and serving
+# (always ``fullmatch``: ``$`` would accept a trailing newline).
+NAME_PATTERN = r"[a-z0-9][a-z0-9_.-]{0,63}"
+ALIAS_PATTERN = r"[a-z][a-z0-9_-]{0,31}"
+UNION_TAGS: set[str] = set()  # discriminator values of tagged unions (``ops.register_op`` adds each op's)
 
 
 class Strict(BaseModel):
@@ -91,3 +97,30 @@ def read_yaml(path: Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise SpecError(str(path), [f"top level must be a mapping of sections, got {type(raw).__name__}"])
     return raw
+
+
+def format_errors(exc: ValidationError) -> list[str]:
+    """One line per error: the field path, what is wrong and what is allowed, and the value given."""
+    lines = []
+    for err in exc.errors():
+        # a tagged union adds the tag to the path: augment.0.randaugment.n -> augment.0.n
+        loc = ".".join(str(p) for p in err["loc"] if p not in UNION_TAGS)
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "union_tag_invalid":
+            got = err["input"].get("op") if isinstance(err["input"], dict) else err["input"]
+            msg = f"unknown op {got!r}; allowed: {err['ctx']['expected_tags'].replace(chr(39), '')}"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see `visionray validate --help` for the reference)"
+        line = f"{loc or '(top level)'}: {msg}"
+        if err["type"] not in ("missing", "union_tag_invalid") and not err["type"].startswith("value_error"):
+            line += f" (got {shown(err['input'])})"
+        lines.append(line)
+    return lines
+
+
+def validate_model(model: type[BaseModel], raw: dict[str, Any], source: str):
+    """``model`` validated from ``raw``, or ``SpecError`` with one line per problem."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(source, format_errors(exc)) from None

@@ -11,13 +11,13 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from visionray import defaults
 from visionray.data.sources import list_sources
 from visionray.models import check_model_args
 from visionray.ops import AUGMENT_OPS, BATCHED_OPS, PREPROCESS_OPS, AugmentOp
-from visionray.spec_io import SpecError, Strict, apply_overrides, read_yaml, shown
+from visionray.spec_io import ALIAS_PATTERN, NAME_PATTERN, Strict, apply_overrides, read_yaml, validate_model
 
 
 def _ops_from_shorthand(value: Any) -> Any:
@@ -205,8 +205,6 @@ class OutputSpec(Strict):
 
 # Registry names and aliases, the one definition (registry, serve config and specs use these, always
 # with ``re.fullmatch``: ``$`` would also accept a trailing newline).
-NAME_PATTERN = r"[a-z0-9][a-z0-9_.-]{0,63}"
-ALIAS_PATTERN = r"[a-z][a-z0-9_-]{0,31}"
 
 
 class RegisterSpec(Strict):
@@ -272,31 +270,6 @@ class TrainSpec(Strict):
 
 
 # --------------------------------------------------------------------------- loading
-
-def format_errors(exc: ValidationError) -> list[str]:
-    """One line per error: the field path, what is wrong and what is allowed, and the value given."""
-    lines = []
-    for err in exc.errors():
-        # a discriminated union adds the op's tag to the path: augment.0.randaugment.n -> augment.0.n
-        loc = ".".join(str(p) for p in err["loc"] if p not in AUGMENT_OPS)
-        msg = err["msg"].removeprefix("Value error, ")
-        if err["type"] == "union_tag_invalid":
-            msg = f"unknown op {err['input'].get('op') if isinstance(err['input'], dict) else err['input']!r}; allowed: {', '.join(AUGMENT_OPS)}"
-        elif err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see `visionray validate --help` for the reference)"
-        line = f"{loc or '(top level)'}: {msg}"
-        if err["type"] not in ("missing", "union_tag_invalid") and not err["type"].startswith("value_error"):
-            line += f" (got {shown(err['input'])})"
-        lines.append(line)
-    return lines
-
-
-def validate_model(model: type[BaseModel], raw: dict[str, Any], source: str):
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        raise SpecError(source, format_errors(exc)) from None
-
 
 def with_absolute_paths(spec: TrainSpec) -> TrainSpec:
     """``data.path``, ``data.val_path`` and ``data.root`` made absolute against the current

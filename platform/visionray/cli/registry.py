@@ -128,7 +128,7 @@ def show(
         return
     if meta is None:
         fail([f"{mv.ref}: its {'metadata.json'} is unreadable or not a version's; `visionray models verify "
-              f"{mv.ref}` says what is wrong"], f"{mv.ref}: no metadata", code=1)
+              f"{mv.ref}` says what is wrong"], f"{mv.ref}: no metadata")
     table = Table(show_header=False, title=f"{mv.name} v{mv.version}")
     rows = [
         ("uri", mv.uri),

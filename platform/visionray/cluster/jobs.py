@@ -143,6 +143,9 @@ def prepare(
     spec_path = Path(spec_file)
     if not (project / PACKAGE / "__init__.py").is_file():
         raise JobsError(f"{project} is not a VisionRay project (no {PACKAGE}/__init__.py); pass --project-dir")
+    if not (project / ".rayignore").is_file():
+        raise JobsError(f"{project}: no .rayignore; it keeps data, runs, the registry and a second copy of the package "
+                        "out of the upload (restore it from the repository)")
     rel = _relative_to(spec_path, project)
     if rel is None:
         raise JobsError(f"{spec_file}: the spec must be inside the project shipped to the cluster ({project}); "

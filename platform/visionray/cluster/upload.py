@@ -12,11 +12,13 @@ from pathlib import Path
 
 logger = logging.getLogger("visionray.jobs")
 
-# Never shipped in the working_dir (gitignore syntax, relative to the project root). The package
-# goes as a py_module instead; data, checkpoints and models live on shared storage.
+# Never shipped, from the working_dir nor from the package (Ray applies runtime_env ``excludes``,
+# gitignore syntax, to both roots, so nothing here may be anchored: ``/data/`` would drop the
+# package's own ``data/``). Paths of the project root alone (data, runs, the registry, the
+# package's copy in the working_dir) are in the project's ``.rayignore``, which Ray reads only
+# while packaging the working_dir, and always (``RAY_RUNTIME_ENV_IGNORE_GITIGNORE`` or not).
 EXCLUDES = [
     ".git", ".venv", "venv", "__pycache__", "*.pyc", "*.egg-info", ".pytest_cache", ".hypothesis",
-    "/data/", "/runs/", "/results/", "/registry/", "/build/", "/dist/", "/platform/", "/tests/",
     # secrets: applied even when Ray is told to ignore .gitignore (RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1)
     "keys/", "*.key", "*.pem", ".env", ".env.*", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*", "id_ed25519*",
 ]

@@ -45,7 +45,7 @@ from visionray.registry.layout import (ENV_ALLOW_UNSIGNED, ENV_SIGNING_KEY, META
 from visionray.registry.signing import build, sign_dir, verify_dir
 from visionray.registry.store import VERSION_DIR, Store, open_store
 from visionray.runs import best_checkpoint
-from visionray.specs import ALIAS_PATTERN, NAME_PATTERN
+from visionray.spec_io import ALIAS_PATTERN, NAME_PATTERN
 
 log = logging.getLogger(__name__)
 

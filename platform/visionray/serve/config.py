@@ -14,8 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from visionray.specs import ALIAS_PATTERN, NAME_PATTERN, validate_model
-from visionray.spec_io import SpecError, Strict, read_yaml, shown
+from visionray.spec_io import ALIAS_PATTERN, NAME_PATTERN, SpecError, Strict, format_errors, read_yaml, shown, validate_model
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 MODEL_REF = re.compile(rf"(?P<name>{NAME_PATTERN})@(?P<tag>{ALIAS_PATTERN}|[1-9][0-9]{{0,8}})")  # fullmatch
@@ -226,7 +225,6 @@ def read_serve_config(path: str | Path) -> dict[str, Any]:
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
-    from visionray.specs import format_errors
 
     path = Path(path)
     raw = read_yaml(path)

@@ -12,7 +12,8 @@ from typing import Any, Literal
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from visionray.ops import AUGMENT_OPS, AugmentOp
-from visionray.specs import OutputSpec, RegisterSpec, TrainSpec, _ops_from_shorthand, format_errors, validate_model
+from visionray.spec_io import format_errors, validate_model
+from visionray.specs import OutputSpec, RegisterSpec, TrainSpec, _ops_from_shorthand
 from visionray.spec_io import SpecError, Strict, apply_overrides, read_yaml
 
 log = logging.getLogger(__name__)

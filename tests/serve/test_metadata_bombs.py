@@ -10,7 +10,7 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image
-from test_serve_sanitize import LIMITS, encode, png_chunk
+from tests.serve.test_sanitize import LIMITS, encode, png_chunk
 
 from visionray.serve.decode import configure_pillow, decode_image
 from visionray.serve.errors import Rejection

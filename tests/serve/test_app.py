@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
-from test_serve_sanitize import HOSTILE, JPEG, MULTI_OK, PNG, encode
+from tests.serve.test_sanitize import HOSTILE, JPEG, MULTI_OK, PNG, encode
 from visionray.registry.keys import generate_keys
 from visionray.registry.layout import VerificationError
 from visionray.registry.registry import Registry
@@ -255,7 +255,7 @@ def test_cpu_bombs_in_flight_do_not_hold_up_valid_requests(serve_url):
     structural walk refuses; valid requests sent meanwhile all get 200 within a few seconds."""
     import threading
 
-    from test_serve_sanitize import jpeg_declaring, multipart, png_declaring, progressive_jpeg
+    from tests.serve.test_sanitize import jpeg_declaring, multipart, png_declaring, progressive_jpeg
 
     rng = np.random.default_rng(0)
     heavy = encode(Image.fromarray(rng.integers(0, 256, (2048, 2048, 3), dtype=np.uint8)), "JPEG", progressive=True, quality=100)

@@ -85,6 +85,10 @@ LOAD_PATHS = textwrap.dedent("""
     from visionray.serve.config import load_serve_spec
     from visionray.serve.predictor import Predictor
     from visionray.specs import DataSpec, TrainSpec
+    from visionray.registry.keys import generate_keys
+    from visionray.registry.registry import Registry
+    from visionray.tune.run import SearchError, run_search
+    from visionray.tune.spec import experiment_dir, load_search_spec
 
     tmp = Path(sys.argv[1])
     os.environ["VISIONRAY_STATE_KEY_FILE"] = str(tmp / "state.key")

@@ -179,7 +179,7 @@ def test_imagefolder_refuses_archive_members_escaping_the_cache(tmp_path, monkey
     archive = tmp_path / "evil.tar"
     outside = tmp_path / "outside"
     outside.mkdir()
-    member = member.format(tmp=tmp_path.name)
+    member = member.format(tmp=f"{tmp_path.parent.parent.name}-{tmp_path.name}")  # unique per run
     with tarfile.open(archive, "w") as tar:
         info = tarfile.TarInfo(member)
         info.type = kind
@@ -193,7 +193,7 @@ def test_imagefolder_refuses_archive_members_escaping_the_cache(tmp_path, monkey
         load_splits(DataSpec(source="imagefolder", path=str(archive)))
     extracted = defaults.CACHE_DIR / "extracted"
     landed = [p for p in tmp_path.rglob("escaped*") if p.is_file() and extracted not in p.parents]
-    assert landed == [] and not list(Path("/tmp").glob(f"escaped-{tmp_path.name}.txt"))
+    assert landed == [] and not list(Path("/tmp").glob(f"escaped-{tmp_path.parent.parent.name}-{tmp_path.name}.txt"))
     if refused:  # nothing of a refused archive stays in the cache
         assert not extracted.exists() or not any(p.name.startswith("evil") for p in extracted.iterdir())
 

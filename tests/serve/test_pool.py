@@ -1,5 +1,5 @@
 """The sandboxed decoder processes, as real processes: confinement, budgets, kills, the bounded queue.
-``test_serve_app.py`` does the same over real Serve and HTTP."""
+``tests/serve/test_app.py`` does the same over real Serve and HTTP."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
-from test_serve_sanitize import JPEG, PNG, encode, noise
+from tests.serve.test_sanitize import JPEG, PNG, encode, noise
 
 from visionray.serve.config import SanitizerSpec
 from visionray.serve.errors import Rejection
@@ -173,3 +173,12 @@ def _outcome(pool: DecodePool, data: bytes):
         return "ok"
     except Rejection as rej:
         return rej.status, rej.code
+
+
+def test_a_decoder_process_loads_no_framework():
+    """The decoder's module tree pulls in neither torch, torchvision nor Ray: a worker starts fast
+    and fits its small address-space limit (``decode_memory_mb``)."""
+    out = subprocess.run([sys.executable, "-c", "import sys, visionray.serve.decode; "
+                          "print(sorted(m for m in ('torch', 'torchvision', 'ray') if m in sys.modules))"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr

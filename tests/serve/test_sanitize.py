@@ -1,5 +1,5 @@
 """The sanitizer and the HTTP API in process (no Ray): real FastAPI app, real model, real HTTP
-semantics through httpx's ASGI transport. ``test_serve_app.py`` sends the same table to real Serve."""
+semantics through httpx's ASGI transport. ``tests/serve/test_app.py`` sends the same table to real Serve."""
 
 from __future__ import annotations
 

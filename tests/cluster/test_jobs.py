@@ -128,7 +128,9 @@ def test_train_plan_ships_the_package_and_runs_visionray_train(tmp_path):
     assert env["working_dir"] == str(REPO) and env["py_modules"] == [str(REPO / "platform" / "visionray")]
     assert env["env_vars"] == {"VISIONRAY_REGISTRY": "s3://bucket/registry"}
     shipped = set(plan.upload.files)
-    assert {"jobs/quickstart.yaml", "tune/quickstart.yaml", "platform/visionray/train.py"} <= shipped
+    assert {"jobs/quickstart.yaml", "tune/quickstart.yaml", "platform/visionray/train/worker.py", "platform/visionray/registry/registry.py",
+            "platform/visionray/data/sources.py", "platform/visionray/cli/__main__.py"} <= shipped
+    assert not any(p.startswith(("data/", "runs/", "registry/", "tests/", "platform/visionray/tests")) for p in shipped)
     assert not [f for f in shipped if f.startswith((".git/", ".venv/", "runs/", "tests/"))]
     assert plan.upload.total < plan.upload.limit == 512 * 2**20  # Ray's GCS_STORAGE_MAX_SIZE
     assert submission_id(plan).startswith("visionray-train-quickstart-")
@@ -197,10 +199,11 @@ def _copy_project(tmp_path: Path, marker: str | None = None) -> Path:
     for name in ("jobs", "tune"):
         shutil.copytree(REPO / name, project / name)
     shutil.copy(REPO / "pyproject.toml", project)
+    shutil.copy(REPO / ".rayignore", project)
     if marker is not None:  # a line only this copy prints: proves the shipped code is what runs
-        cli = project / "platform" / "visionray" / "cli.py"
+        cli = project / "platform" / "visionray" / "cli" / "train.py"
         text = cli.read_text()
-        anchor = '    console.print(f"[bold]visionray train[/] {spec.output.name} -> {vtrain.run_dir(spec)}")\n'
+        anchor = '    console.print(f"[bold]visionray train[/] {spec.output.name} -> {run_dir(spec)}")\n'
         assert anchor in text
         cli.write_text(text.replace(anchor, anchor + f'    console.print("{marker}")\n'))
     return project
@@ -296,7 +299,7 @@ def test_a_loopback_head_asking_for_the_token_gets_it_and_only_in_the_header(tmp
 
     server = HTTPServer((LOOPBACK, 0), Head)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    script = ("import json, sys; from visionray import jobs; "
+    script = ("import json, sys; from visionray.cluster.client import auth_headers; "
               "print(json.dumps(auth_headers(sys.argv[1])))")
     try:
         out = subprocess.run([sys.executable, "-c", script, f"http://{LOOPBACK}:{server.server_port}"],
