@@ -1,4 +1,4 @@
-"""The model registry: the article's model exactly, every model's output shape, clear errors."""
+"""The model registry: seed_cnn exactly as the Keras original, every model's output shape, clear errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from visionray.models import count_parameters, create_model, list_models
 
 
-def test_seed_cnn_matches_the_articles_keras_model():
+def test_seed_cnn_matches_the_keras_original():
     model = create_model("seed_cnn", num_classes=10, in_channels=3, image_size=224)
     assert count_parameters(model) == 23_908_682
     convs = [m for m in model if isinstance(m, torch.nn.Conv2d)]

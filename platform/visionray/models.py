@@ -57,12 +57,12 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# --------------------------------------------------------------------------- the article's model
+# --------------------------------------------------------------------------- seed_cnn
 
 
 @register_model
 def seed_cnn(num_classes: int = 10, in_channels: int = 3, image_size: int = 224) -> nn.Module:
-    """The article's Keras CNN, layer for layer: Conv2D(32, 3x3, relu, valid) -> MaxPool(2) ->
+    """The seed model, the Keras CNN VisionRay started from, layer for layer: Conv2D(32, 3x3, relu, valid) -> MaxPool(2) ->
     Conv2D(64, 3x3, relu, valid) -> MaxPool(2) -> Flatten -> Dense(128, relu) -> Dense(classes).
     At 224x224x3 and 10 classes it has 23,908,682 parameters, as Keras reports."""
     side = ((image_size - 2) // 2 - 2) // 2

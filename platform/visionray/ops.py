@@ -3,9 +3,9 @@ builder, registered once with ``@register_op``. The spec's allowed ops (``Augmen
 deterministic ones a preset may hold (``PREPROCESS_OPS``) and ``visionray.transforms`` all come
 from this registry: adding an op is one class here.
 
-The classic preprocessing of the reference article is here by name: ``brightness_contrast``,
-``grayscale``, ``autocontrast`` and ``equalize`` (contrast enhancement), ``color_balance`` and
-``binarize``.
+The classic ops (``CLASSIC_OPS``) are the preprocessing VisionRay started from:
+``brightness_contrast``, ``grayscale``, ``autocontrast`` and ``equalize`` (contrast enhancement),
+``color_balance`` and ``binarize``.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class TrivialAugmentOp(Op):
 
 @register_op
 class BrightnessContrastOp(Op):
-    """The article's brightness/contrast adjustment: factors drawn from [1-x, 1+x]."""
+    """A classic op: brightness and contrast factors drawn from [1-x, 1+x]."""
 
     op: Literal["brightness_contrast"] = "brightness_contrast"
     brightness: float = Field(0.2, ge=0.0, le=1.0)
@@ -143,7 +143,7 @@ class BrightnessContrastOp(Op):
 
 @register_op
 class GrayscaleOp(Op):
-    """The article's grayscale conversion; the channel count is kept."""
+    """A classic op: grayscale conversion; the channel count is kept."""
 
     op: Literal["grayscale"] = "grayscale"
     p: Probability = 1.0
@@ -155,7 +155,7 @@ class GrayscaleOp(Op):
 
 @register_op
 class AutocontrastOp(Op):
-    """Contrast enhancement: stretch each channel to the full range."""
+    """A classic op: contrast enhancement, each channel stretched to the full range."""
 
     op: Literal["autocontrast"] = "autocontrast"
     p: Probability = 1.0
@@ -167,7 +167,7 @@ class AutocontrastOp(Op):
 
 @register_op
 class EqualizeOp(Op):
-    """Contrast enhancement: histogram equalisation."""
+    """A classic op: contrast enhancement by histogram equalisation."""
 
     op: Literal["equalize"] = "equalize"
     p: Probability = 1.0
@@ -179,7 +179,7 @@ class EqualizeOp(Op):
 
 @register_op
 class ColorBalanceOp(Op):
-    """The article's colour balance (PIL's ImageEnhance.Color): saturation in [1-x, 1+x]."""
+    """A classic op: colour balance (PIL's ImageEnhance.Color), saturation in [1-x, 1+x]."""
 
     op: Literal["color_balance"] = "color_balance"
     saturation: float = Field(0.3, ge=0.0, le=1.0)
@@ -190,7 +190,7 @@ class ColorBalanceOp(Op):
 
 @register_op
 class BinarizeOp(Op):
-    """The article's binarisation: pixels at or above ``threshold`` become 255, the rest 0."""
+    """A classic op: binarisation; pixels at or above ``threshold`` become 255, the rest 0."""
 
     op: Literal["binarize"] = "binarize"
     threshold: int = Field(128, ge=0, le=255, description="uint8 intensity")
@@ -207,5 +207,6 @@ def list_ops() -> list[str]:
 
 AUGMENT_OPS = tuple(_OPS)  # every registered op, in registration order
 PREPROCESS_OPS = tuple(name for name, cls in _OPS.items() if cls.preprocess)
+CLASSIC_OPS = ("brightness_contrast", "grayscale", "autocontrast", "equalize", "color_balance", "binarize")
 BATCHED_OPS = tuple(name for name, cls in _OPS.items() if cls.batched)
 AugmentOp = Annotated[Union[tuple(_OPS.values())], Field(discriminator="op")]  # one of the registered ops

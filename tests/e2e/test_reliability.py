@@ -1,4 +1,4 @@
-"""Reliability and security (issue 8): full or unwritable storage, secrets kept out of output,
+"""Reliability and security: full or unwritable storage, secrets kept out of output,
 a loopback-only token-protected local Ray cluster, and models that vanish or rot under a reader.
 
 Everything is real: size-limited tmpfs mounts that really fill up, read-only remounts and

@@ -28,6 +28,13 @@ def _spec(tmp_path: Path, *overrides: str):
     return load_spec(QUICKSTART, [f"output.storage={tmp_path}", *overrides])
 
 
+def _csv_column(spec, name: str) -> dict[int, float]:
+    """epoch -> the value of one metrics.csv column."""
+    lines = (Path(run_dir(spec)) / "metrics.csv").read_text().splitlines()
+    col = lines[0].split(",").index(name)
+    return {int(row.split(",")[0]): float(row.split(",")[col]) for row in lines[1:]}
+
+
 def _epochs_in_csv(spec) -> list[int]:
     lines = (Path(run_dir(spec)) / "metrics.csv").read_text().splitlines()[1:]
     return [int(line.split(",")[0]) for line in lines]
@@ -44,13 +51,24 @@ def test_quickstart_reaches_95_percent_and_checkpoints_round_trip(ray_cluster, t
     model, meta = ckpt.load_model(best)
     assert meta.metrics["val_acc"] >= 0.95
     assert meta.spec == spec.model_dump(mode="json", by_alias=True)  # the resolved spec travels along
-    assert len(list(Path(run_dir(spec)).glob("checkpoint_*"))) <= spec.checkpoint.keep + 1
+    # checkpoint.keep: the best `keep` by val_acc stay, and the latest (Ray keeps it to resume from)
+    kept = {int(p.name.rsplit("_", 1)[1]) for p in Path(run_dir(spec)).glob("checkpoint_epoch_*")}
+    acc = _csv_column(spec, "val_acc")
+    assert spec.optim.epochs in kept and len(kept) in (spec.checkpoint.keep, spec.checkpoint.keep + 1)
+    ranked = kept - {spec.optim.epochs}
+    assert all(acc[d] <= min(acc[k] for k in ranked) for d in set(acc) - kept), (kept, acc)
+    assert max(acc.values()) == max(acc[k] for k in kept)
     # reloaded weights give the logits the evaluation reports, on the held-out split
     ev = evaluate_checkpoint(model, meta, "val")
     assert ev.top1 == pytest.approx(meta.metrics["val_acc"], abs=1e-6)
     assert result.checkpoint is not None
     assert _epochs_in_csv(spec) == list(range(1, spec.optim.epochs + 1))
-    assert list((Path(run_dir(spec)) / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir(spec)) / "tensorboard"))
+    events.Reload()
+    for tag in ("val_acc", "train_loss"):  # one scalar per epoch, the values the CSV holds
+        assert {e.step: pytest.approx(e.value) for e in events.Scalars(tag)} == _csv_column(spec, tag)
 
 
 def test_same_name_resumes_from_latest_checkpoint(ray_cluster, tmp_path):

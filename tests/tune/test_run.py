@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from visionray.tune.results import TrialSummary, select_best
+from visionray.tune.results import TrialSummary, pbt_schedule, select_best
 from visionray.tune.run import SearchError, TrialRow, _trainable, build_scheduler, build_search_alg, param_space, run_search
 from visionray.tune.seal import ENV_STATE_KEY_FILE, seal, state_key
 from visionray.tune.spec import BEST_DIR, BEST_JSON, PLOT_PNG, SearchSpec, TRIALS_CSV, TRIALS_JSON, experiment_dir, load_search_spec, trial_spec
@@ -390,11 +390,48 @@ def test_pbt_search_exploits_and_records_a_loadable_best(ray_cluster, tmp_path):
     assert exploits, "no trial took another's checkpoint"
     best = json.loads((exp / BEST_JSON).read_text())
     assert set(best["pbt_schedule"]) == {"policy_file", "exploits"}
-    for step in best["pbt_schedule"]["exploits"]:  # the best trial's learned schedule, if it was exploited
-        assert set(step["new_config"]) == set(spec.search.space) and step["donor_reports"] >= 1
+    # Every exploited trial's schedule is recorded and replayable by Ray's own replay scheduler.
+    from ray.tune.schedulers import PopulationBasedTrainingReplay
+
+    schedules = [pbt_schedule(exp, t.trial_id) for t in out.trials]
+    exploited = [sch for sch in schedules if sch["exploits"]]
+    assert exploited, "exploits were logged but no trial's schedule records one"
+    for sch in exploited:
+        for step in sch["exploits"]:
+            assert set(step["new_config"]) == set(spec.search.space) and step["donor_reports"] >= 1
+            assert step["trial_reports"] >= spec.scheduler.perturbation_interval
+        replay = PopulationBasedTrainingReplay(sch["policy_file"])  # what a replay run would follow
+        assert replay._policy and replay._policy[-1][1] == sch["exploits"][-1]["new_config"]
+        assert set(replay.config) == set(spec.search.space)
+    if best["pbt_schedule"]["exploits"]:
+        assert best["pbt_schedule"] == pbt_schedule(exp, out.best.trial_id)
     model, meta = load_model(best["checkpoint"])
     assert meta.metrics["val_acc"] == pytest.approx(out.best.best_value)
     assert evaluate_checkpoint(model, meta, "val").top1 > 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("overrides, kind", [
+    (["scheduler={name: hyperband, reduction_factor: 2, max_epochs: 2}"], "hyperband"),
+    (["scheduler={name: median, grace_period: 1, min_samples_required: 1}", "base.optim.epochs=2"], "median"),
+    (["scheduler={name: fifo}", "base.optim.epochs=2", "search.algorithm=optuna"], "optuna"),
+])
+def test_hyperband_median_and_optuna_each_run_a_real_search(ray_cluster, tmp_path, overrides, kind):
+    """Not only built: a short search of two trials under each, to a loadable best."""
+    from visionray.checkpoint import load_model
+
+    spec = _search(tmp_path, kind, [
+        "search.num_samples=2", "search.max_concurrent_trials=2", "search.space={optim.lr: {loguniform: [0.01, 0.05]}}",
+        "base.data.limit=600", *overrides,
+    ])
+    out = run_search(spec)
+    assert not out.interrupted and len(out.trials) == 2 and out.best is not None
+    assert all(t.status in ("completed", "early-stopped") and 1 <= t.epochs <= 2 for t in out.trials)
+    lrs = [t.params["optim.lr"] for t in out.trials]
+    assert all(0.01 <= lr <= 0.05 for lr in lrs) and len(set(lrs)) == 2  # each algorithm drew its own values
+    model, meta = load_model(out.best_dir)
+    assert meta.metrics["val_acc"] == pytest.approx(out.best.best_value) and meta.epoch == out.best.best_epoch
 
 
 class _Payload:

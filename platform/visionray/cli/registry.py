@@ -1,4 +1,4 @@
-"""`visionray models` and `visionray keys`: the signed model registry (issue 4).
+"""`visionray models` and `visionray keys`: the signed model registry.
 
 Verification failures of `models verify` exit 1; bad input (unknown model, bad reference, missing
 key file) exits 2; both print what failed and how to fix it, never a traceback.

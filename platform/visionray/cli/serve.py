@@ -1,4 +1,4 @@
-"""`visionray serve`, `predict` and `loadtest` (issue 5)."""
+"""`visionray serve`, `predict` and `loadtest`."""
 
 from __future__ import annotations
 

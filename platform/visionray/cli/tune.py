@@ -1,4 +1,4 @@
-"""`visionray tune`: a Ray Tune search over a training job (issue 3)."""
+"""`visionray tune`: a Ray Tune search over a training job."""
 
 from __future__ import annotations
 

@@ -124,6 +124,65 @@ def _check_data(problems: list[str], spec, project: Path, upload: Upload, prefix
                             "give an absolute path that every node mounts (NFS) or copy the data there")
 
 
+def _checked_upload(project: Path, spec_file: str | Path) -> tuple[Path, Upload]:
+    """The spec's path inside the project and what would ship; refused when the project is not one,
+    the spec is outside it or excluded, or the upload is too large or holds a private key."""
+    if not (project / PACKAGE / "__init__.py").is_file():
+        raise JobsError(f"{project} is not a VisionRay project (no {PACKAGE}/__init__.py); pass --project-dir")
+    if not (project / ".rayignore").is_file():
+        raise JobsError(f"{project}: no .rayignore; it keeps data, runs, the registry and a second copy of the package "
+                        "out of the upload (restore it from the repository)")
+    rel = _relative_to(Path(spec_file), project)
+    if rel is None:
+        raise JobsError(f"{spec_file}: the spec must be inside the project shipped to the cluster ({project}); "
+                        "copy it under jobs/, tune/ or serve/")
+    upload = preflight_upload(project)
+    leaked = private_key_files(project, upload)
+    if leaked:
+        raise JobsError([f"{p}: holds a PEM private key and would be uploaded to the cluster" for p in leaked]
+                        + ["move it out of the project, or exclude it in .rayignore; signing keys belong on the "
+                           "machine that registers, verification needs only the .pub"], "refusing to upload secrets")
+    if str(rel) not in upload.files:
+        raise JobsError(f"{rel}: excluded from the upload ({', '.join(EXCLUDES)}, .gitignore, .rayignore); "
+                        "put the spec under jobs/, tune/ or serve/")
+    return rel, upload
+
+
+def _check_spec(kind: Kind, spec_path: Path, rel: Path, overrides: list[str], registry: str | None, project: Path,
+                upload: Upload, problems: list[str], warnings: list[str]) -> str:
+    """Validate the spec with the model its command uses; add what would not work on a cluster to
+    ``problems`` (``warnings``: what works but may surprise). Returns the job's name."""
+    storage_fix = "give --storage s3://BUCKET/PATH, gs://BUCKET/PATH or an absolute path on shared disk (NFS)"
+    registry_fix = "give --registry URI, or set register.registry to a URI or an absolute shared path"
+    if kind in ("train", "tune"):
+        from visionray.specs import load_spec
+        from visionray.tune.spec import load_search_spec
+
+        spec = load_spec(spec_path, overrides) if kind == "train" else load_search_spec(spec_path, overrides)
+        _check_shared(problems, "output.storage", spec.output.storage, storage_fix)
+        if kind == "train":
+            _check_data(problems, spec, project, upload)
+        else:
+            _check_data(problems, spec.base, project, upload, prefix="base.data")
+        _check_registry(problems, warnings, "register.registry", spec.registration, registry, registry_fix)
+        return spec.output.name
+    from visionray.serve.config import IMPORT_PATH, load_serve_spec, read_serve_config
+
+    config = read_serve_config(spec_path)
+    apps = [a for a in config["applications"] if a.get("import_path") == IMPORT_PATH]
+    if not apps:
+        raise JobsError(f"{rel}: no application with import_path {IMPORT_PATH}; deploy other Serve apps "
+                        "with `serve deploy`")
+    args = load_serve_spec(dict(apps[0].get("args") or {}), f"{rel}: args")
+    if args.checkpoint is not None:
+        _check_shared(problems, "args.checkpoint", args.checkpoint, "give a URI or an absolute shared path")
+    else:
+        _check_registry(problems, warnings, "args.registry", args, registry,
+                        "set args.registry in the config to a URI (s3://, gs://) or an absolute shared path, "
+                        "or remove it and give --registry")
+    return apps[0].get("name", "default")
+
+
 def prepare(
     spec_file: str | Path,
     *,
@@ -137,30 +196,9 @@ def prepare(
 
     ``storage`` replaces ``output.storage`` (train, tune); ``registry`` becomes
     ``$VISIONRAY_REGISTRY`` on the cluster. Both must be a URI or an absolute path every node reaches."""
-    from visionray.specs import load_spec
-
     project = Path(project).resolve()
-    spec_path = Path(spec_file)
-    if not (project / PACKAGE / "__init__.py").is_file():
-        raise JobsError(f"{project} is not a VisionRay project (no {PACKAGE}/__init__.py); pass --project-dir")
-    if not (project / ".rayignore").is_file():
-        raise JobsError(f"{project}: no .rayignore; it keeps data, runs, the registry and a second copy of the package "
-                        "out of the upload (restore it from the repository)")
-    rel = _relative_to(spec_path, project)
-    if rel is None:
-        raise JobsError(f"{spec_file}: the spec must be inside the project shipped to the cluster ({project}); "
-                        "copy it under jobs/, tune/ or serve/")
-    upload = preflight_upload(project)
-    leaked = private_key_files(project, upload)
-    if leaked:
-        raise JobsError([f"{p}: holds a PEM private key and would be uploaded to the cluster" for p in leaked]
-                        + ["move it out of the project, or exclude it in .rayignore; signing keys belong on the "
-                           "machine that registers, verification needs only the .pub"], "refusing to upload secrets")
-    if str(rel) not in upload.files:
-        raise JobsError(f"{rel}: excluded from the upload ({', '.join(EXCLUDES)}, .gitignore, .rayignore); "
-                        "put the spec under jobs/, tune/ or serve/")
-    raw = read_yaml(spec_path)
-    kind = detect_kind(raw)
+    rel, upload = _checked_upload(project, spec_file)
+    kind = detect_kind(read_yaml(Path(spec_file)))
     overrides = list(overrides or [])
     if storage is not None:
         if kind == "serve":
@@ -172,58 +210,19 @@ def prepare(
     if registry is not None and not _is_shared(registry):
         raise JobsError(f"--registry {registry!r} is a relative path; give a URI (s3://, gs://) or an absolute "
                         "path that every node reaches")
-
     problems: list[str] = []
     warnings: list[str] = []
-    storage_fix = "give --storage s3://BUCKET/PATH, gs://BUCKET/PATH or an absolute path on shared disk (NFS)"
-    registry_fix = "give --registry URI, or set register.registry to a URI or an absolute shared path"
-    if kind == "train":
-        spec = load_spec(spec_path, overrides)
-        name = spec.output.name
-        _check_shared(problems, "output.storage", spec.output.storage, storage_fix)
-        _check_data(problems, spec, project, upload)
-        _check_registry(problems, warnings, "register.registry", spec.registration, registry, registry_fix)
-    elif kind == "tune":
-        from visionray.tune.spec import load_search_spec
-
-        search = load_search_spec(spec_path, overrides)
-        name = search.output.name
-        _check_shared(problems, "output.storage", search.output.storage, storage_fix)
-        _check_data(problems, search.base, project, upload, prefix="base.data")
-        _check_registry(problems, warnings, "register.registry", search.registration, registry, registry_fix)
-    else:
-        from visionray.serve.config import IMPORT_PATH, load_serve_spec, read_serve_config
-
-        config = read_serve_config(spec_path)
-        apps = [a for a in config["applications"] if a.get("import_path") == IMPORT_PATH]
-        if not apps:
-            raise JobsError(f"{rel}: no application with import_path {IMPORT_PATH}; deploy other Serve apps "
-                            "with `serve deploy`")
-        name = apps[0].get("name", "default")
-        args = load_serve_spec(dict(apps[0].get("args") or {}), f"{rel}: args")
-        if args.checkpoint is not None:
-            _check_shared(problems, "args.checkpoint", args.checkpoint, "give a URI or an absolute shared path")
-        else:
-            _check_registry(problems, warnings, "args.registry", args, registry,
-                            "set args.registry in the config to a URI (s3://, gs://) or an absolute shared path, "
-                            "or remove it and give --registry")
+    name = _check_spec(kind, Path(spec_file), rel, overrides, registry, project, upload, problems, warnings)
     if problems:
         raise JobsError(problems, f"{rel}: not runnable on a cluster")
 
-    argv = ["python", "-m", "visionray.cli", kind, rel.as_posix()]
-    for item in overrides:
-        argv += ["--set", item]
+    argv = ["python", "-m", "visionray.cli", kind, rel.as_posix(), *(a for item in overrides for a in ("--set", item))]
     if kind == "serve":
         argv.append("--detach")  # deploy and return: the application outlives the job
     argv += list(extra_args or [])
-    env_vars = {ENV_REGISTRY: registry} if registry is not None else {}
-    runtime_env: dict[str, Any] = {
-        "working_dir": str(project),
-        "py_modules": [str(project / PACKAGE)],
-        "excludes": list(EXCLUDES),
-    }
-    if env_vars:
-        runtime_env["env_vars"] = env_vars
+    runtime_env: dict[str, Any] = {"working_dir": str(project), "py_modules": [str(project / PACKAGE)], "excludes": list(EXCLUDES)}
+    if registry is not None:
+        runtime_env["env_vars"] = {ENV_REGISTRY: registry}
     metadata = {"visionray_kind": kind, "visionray_spec": rel.as_posix(), "visionray_name": name}
     return Plan(kind=kind, spec=rel.as_posix(), name=name, entrypoint=shlex.join(argv), runtime_env=runtime_env,
                 upload=upload, metadata=metadata, warnings=warnings)

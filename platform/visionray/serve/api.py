@@ -139,6 +139,54 @@ async def _multipart_parts(request: Request, spec: ServeSpec) -> list[tuple[str 
     return parts
 
 
+def _add_error_handlers(app: FastAPI, on_reject: Callable[[str], None]) -> None:
+    """Every failure as the JSON error body: refusals with their status, bad parameters 422,
+    unknown routes 404/405, anything else 500 with the request id (logged, never the traceback)."""
+
+    @app.exception_handler(Rejection)
+    async def _rejection(request: Request, exc: Rejection) -> JSONResponse:
+        on_reject(exc.code)
+        return _error(exc.status, exc.code, exc.message, request, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        on_reject("invalid_request")
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _error(422, "invalid_request", problems, request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
+        return _error(exc.status_code, code, str(exc.detail), request, getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("request %s failed", request_id(request))
+        return _error(500, "internal_error", "internal error; the request id is in the server log", request)
+
+
+def _add_probes(app: FastAPI, spec: ServeSpec, backend: Backend) -> None:
+    """``/healthz`` (the ingress answers) and ``/readyz`` (a model replica answers in time)."""
+
+    @app.get("/healthz", summary="Liveness: the ingress answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: a model replica answers within readiness_timeout_s", responses={503: {"model": ErrorResponse}})
+    async def readyz(request: Request) -> Any:
+        try:
+            m = await asyncio.wait_for(backend.info(), spec.readiness_timeout_s)
+        except Rejection as exc:
+            return _error(503, exc.code, exc.message, request, {"Retry-After": "1"})
+        except asyncio.TimeoutError:
+            return _error(503, "not_ready", f"no model replica answered within {spec.readiness_timeout_s} s", request,
+                          {"Retry-After": "1"})
+        except Exception as exc:  # noqa: BLE001 - a probe: any failure of the model side means not ready
+            logger.warning("readiness check failed: %s: %s", type(exc).__name__, exc)
+            return _error(503, "not_ready", f"the model is not available ({type(exc).__name__})", request, {"Retry-After": "1"})
+        return {"status": "ready", "model": {"name": m["name"], "version": m["version"]}}
+
+
 def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None] = lambda code: None,
              on_images: Callable[[int], None] = lambda n: None, echo_request_id: bool = True,
              decoder: DecodePool | None = None) -> FastAPI:
@@ -165,26 +213,7 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
             model_info.update(await backend.info())
         return model_info
 
-    @app.exception_handler(Rejection)
-    async def _rejection(request: Request, exc: Rejection) -> JSONResponse:
-        on_reject(exc.code)
-        return _error(exc.status, exc.code, exc.message, request, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        on_reject("invalid_request")
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return _error(422, "invalid_request", problems, request)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, f"http_{exc.status_code}")
-        return _error(exc.status_code, code, str(exc.detail), request, getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        logger.exception("request %s failed", request_id(request))
-        return _error(500, "internal_error", "internal error; the request id is in the server log", request)
+    _add_error_handlers(app, on_reject)
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=_ERRORS, openapi_extra=_CLASSIFY_BODY,
               summary="Classify one image (the body) or several (multipart/form-data)")
@@ -220,24 +249,7 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
         m = await info()
         return {"models": [m], "limits": spec.sanitizer.model_dump(mode="json")}
 
-    @app.get("/healthz", summary="Liveness: the ingress answers")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/readyz", summary="Readiness: a model replica answers within readiness_timeout_s", responses={503: {"model": ErrorResponse}})
-    async def readyz(request: Request) -> Any:
-        try:
-            m = await asyncio.wait_for(backend.info(), spec.readiness_timeout_s)
-        except Rejection as exc:
-            return _error(503, exc.code, exc.message, request, {"Retry-After": "1"})
-        except asyncio.TimeoutError:
-            return _error(503, "not_ready", f"no model replica answered within {spec.readiness_timeout_s} s", request,
-                          {"Retry-After": "1"})
-        except Exception as exc:  # noqa: BLE001 - a probe: any failure of the model side means not ready
-            logger.warning("readiness check failed: %s: %s", type(exc).__name__, exc)
-            return _error(503, "not_ready", f"the model is not available ({type(exc).__name__})", request, {"Retry-After": "1"})
-        return {"status": "ready", "model": {"name": m["name"], "version": m["version"]}}
-
+    _add_probes(app, spec, backend)
     app.add_middleware(SanitizerMiddleware, spec=spec.sanitizer, keys=keys, rate=spec.rate_limit, on_reject=on_reject,
                        echo_request_id=echo_request_id)
     return app
