@@ -26,6 +26,9 @@ def ray_cluster():
     from visionray.cluster.local import init_ray, local_cluster_env
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    # Ray Train's controller polls its workers every 2 s by default: reports, start and end of each
+    # run wait on that poll. A quarter second keeps the tests' many short runs short.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
     # Workers import functions defined in test modules by name (tests.<stage>.test_<module>): put the
     # repository on their path.
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
@@ -36,6 +39,19 @@ def ray_cluster():
     init_ray()  # no-op once connected; keeps the CLI's path exercised
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(ray_cluster, tmp_path_factory):
+    """The README's main job (jobs/quickstart.yaml as shipped), trained once per test session:
+    (spec, every report of the run, Ray's Result). Tests read it; none may train it further."""
+    from visionray.specs import load_spec
+    from visionray.train.driver import fit_with_progress
+
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", [f"output.storage={tmp_path_factory.mktemp('runs')}"])
+    reports: list[dict] = []
+    result = fit_with_progress(spec, reports.append)
+    return spec, reports, result
 
 
 @pytest.fixture(scope="session")

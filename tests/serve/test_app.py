@@ -30,7 +30,7 @@ from visionray.cli import app as cli_app
 from visionray.data.folders import list_folder
 from visionray.evaluate import eval_arrays, evaluate_checkpoint, predict_logits
 from visionray.serve.client import Client, loadtest, read_images
-from visionray.specs import EvalPreset, load_spec
+from visionray.specs import EvalPreset
 from tests.helpers import REPO, make_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -52,14 +52,11 @@ def keys(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.fixture(scope="session")
-def digits_registry(ray_cluster, tmp_path_factory, keys) -> Path:
-    """The quickstart job, 4 epochs on Ray Train, registered (signed) as digits@best."""
+def digits_registry(quickstart_run, tmp_path_factory, keys) -> Path:
+    """The session's quickstart run (the README's main job), registered (signed) as digits@best."""
     from visionray.runs import best_checkpoint, run_dir
-    from visionray.train.driver import build_trainer
 
-    runs = tmp_path_factory.mktemp("runs")
-    spec = load_spec(REPO / "jobs" / "quickstart.yaml", [f"output.storage={runs}", "optim.epochs=4"])
-    build_trainer(spec).fit()
+    spec = quickstart_run[0]
     root = tmp_path_factory.mktemp("registry")
     Registry(str(root)).register(best_checkpoint(run_dir(spec)), "digits", alias="best", private_key=keys[0])
     return root

@@ -256,13 +256,13 @@ def test_quickstart_search_early_stops_and_records_a_loadable_best(ray_cluster, 
     # the first rung below the recorded cutoff and is stopped there.
     spec = _search(tmp_path, "quick", [
         "search.algorithm=grid", "search.num_samples=1", "search.max_concurrent_trials=1", "search.space={}",
-        "search.space.optim.lr.grid=[0.02, 0.00001, 0.00002, 0.00003]",
-        "scheduler.max_epochs=4", "scheduler.grace_period=1", "scheduler.reduction_factor=2",
+        "search.space.optim.lr.grid=[0.02, 0.00001, 0.00002]",
+        "scheduler.max_epochs=2", "scheduler.grace_period=1", "scheduler.reduction_factor=2",
     ])
     updates: list[list[TrialRow]] = []
     out = run_search(spec, on_update=updates.append)
 
-    assert not out.interrupted and len(out.trials) == 4
+    assert not out.interrupted and len(out.trials) == 3
     assert updates and {r.status for r in updates[-1]} <= {"TERMINATED"}
     stopped = [t for t in out.trials if t.status == "early-stopped"]
     assert stopped and all(t.epochs < spec.max_epochs for t in stopped)  # ASHA stopped some before max epochs
@@ -377,14 +377,14 @@ def test_pbt_search_exploits_and_records_a_loadable_best(ray_cluster, tmp_path):
     from visionray.evaluate import evaluate_checkpoint
 
     spec = _search(tmp_path, "pbt", [
-        "scheduler={name: pbt, perturbation_interval: 1, quantile_fraction: 0.5, max_epochs: 4}",
+        "scheduler={name: pbt, perturbation_interval: 1, quantile_fraction: 0.5, max_epochs: 3}",
         "search.space={optim.lr: {loguniform: [0.0001, 0.05]}, augment: {choice: [none, randaugment]}}",
         "search.num_samples=4", "search.max_concurrent_trials=4", "resources={workers: 1, cpus_per_worker: 0.5}",
     ])
     out = run_search(spec)
 
     assert not out.interrupted and len(out.trials) == 4
-    assert all(t.status == "completed" and t.epochs == 4 for t in out.trials)
+    assert all(t.status == "completed" and t.epochs == 3 for t in out.trials)
     exp = Path(out.experiment_dir)
     exploits = (exp / "pbt_global.txt").read_text().splitlines() if (exp / "pbt_global.txt").exists() else []
     assert exploits, "no trial took another's checkpoint"
@@ -414,8 +414,8 @@ def test_pbt_search_exploits_and_records_a_loadable_best(ray_cluster, tmp_path):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("overrides, kind", [
     (["scheduler={name: hyperband, reduction_factor: 2, max_epochs: 2}"], "hyperband"),
-    (["scheduler={name: median, grace_period: 1, min_samples_required: 1}", "base.optim.epochs=2"], "median"),
-    (["scheduler={name: fifo}", "base.optim.epochs=2", "search.algorithm=optuna"], "optuna"),
+    (["scheduler={name: median, grace_period: 1, min_samples_required: 1}", "base.optim.epochs=1"], "median"),
+    (["scheduler={name: fifo}", "base.optim.epochs=1", "search.algorithm=optuna"], "optuna"),
 ])
 def test_hyperband_median_and_optuna_each_run_a_real_search(ray_cluster, tmp_path, overrides, kind):
     """Not only built: a short search of two trials under each, to a loadable best."""
