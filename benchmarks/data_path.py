@@ -56,13 +56,13 @@ def measure(recipe: str, limit: int, gpu: bool, steps: int) -> list[dict]:
     device = torch.device("cuda" if gpu else "cpu")
     rows = []
     worker = Worker(spec, 0, 1, device)
-    ready = list(itertools.islice(worker.batches(0)[0], steps + 1))
+    ready = list(itertools.islice(worker.data.epoch(0)[0], steps + 1))
     model_rate = step_rate(worker, ready, steps)
     budget = max(spec.optim.batch_size * (steps + 1), 1024)
-    rows.append({"recipe": recipe, "pipeline": spec.data.pipeline, "images_per_s": images_per_s(worker.batches(1)[0], budget)})
+    rows.append({"recipe": recipe, "pipeline": spec.data.pipeline, "images_per_s": images_per_s(worker.data.epoch(1)[0], budget)})
     if spec.data.pipeline == "per_sample" and all(op.op in ("none", "flip_crop") for op in spec.augment):
         batched = Worker(load_spec(REPO / "jobs" / f"{recipe}.yaml", [*overrides, "data.pipeline=batched"]), 0, 1, device)
-        rows.append({"recipe": recipe, "pipeline": "batched", "images_per_s": images_per_s(batched.batches(1)[0], budget)})
+        rows.append({"recipe": recipe, "pipeline": "batched", "images_per_s": images_per_s(batched.data.epoch(1)[0], budget)})
     if spec.data.source == "imagefolder":
         import ray
 

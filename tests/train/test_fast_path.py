@@ -249,7 +249,7 @@ def test_compile_warm_up_is_timed_apart_and_changes_no_weight():
     })
     plain = Worker(spec.model_copy(update={"scaling": spec.scaling.model_copy(update={"compile": False})}), 0, 1, torch.device("cpu"))
     compiled = Worker(spec, 0, 1, torch.device("cpu"))
-    assert len(compiled.data.train) % 32 and compiled.compile_s > 0  # the epoch ends on a short batch
+    assert len(compiled.data.splits.train) % 32 and compiled.compile_s > 0  # the epoch ends on a short batch
     for a, b in zip(plain.model.state_dict().values(), compiled.model.state_dict().values()):
         assert torch.equal(a, b)
     graphs = counters["stats"]["unique_graphs"]

@@ -47,7 +47,7 @@ from visionray.registry.store import VERSION_DIR, Store, open_store
 from visionray.runs import best_checkpoint
 from visionray.spec_io import ALIAS_PATTERN, NAME_PATTERN
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("visionray.registry")  # one logger for the registry package, as users configure it
 
 NAME_RE = re.compile(NAME_PATTERN)  # always fullmatch
 ALIAS_RE = re.compile(ALIAS_PATTERN)
