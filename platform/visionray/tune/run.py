@@ -5,7 +5,7 @@ space over its fields: model depth, width and family, the augmentation policy (n
 plus the parameters of their ops, such as randaugment's n and m), learning rate, weight decay,
 batch size, optimiser. Every trial is a Tune function trainable that derives its own
 ``TrainSpec`` (validated, never a dict inward), builds the same ``TorchTrainer`` as ``visionray
-train`` (``visionray.train.build_trainer``) inside the trial's directory and reports every epoch
+train`` (``visionray.train.driver.build_trainer``) inside the trial's directory and reports every epoch
 to Tune through ``TuneReportCallback``; under population-based training (``pbt``) a trial runs the
 same ``Worker`` and epoch loop in its own process instead and reports a Tune checkpoint every epoch,
 which PBT copies between trials. Schedulers stop trials on the ``epoch`` metric, so a trial
@@ -17,7 +17,7 @@ metric (ties: the earlier epoch), trials rank by that score, ties go to the mode
 parameters, then to the trial that finished first, then to the lower trial id.
 
 Ray's own module is always imported as ``from ray import tune``; this module is
-``visionray.tune``.
+``visionray.tune``, whose modules are ``spec``, ``run``, ``results``, ``plots`` and ``seal``.
 """
 
 from __future__ import annotations
