@@ -17,7 +17,7 @@ metric (ties: the earlier epoch), trials rank by that score, ties go to the mode
 parameters, then to the trial that finished first, then to the lower trial id.
 
 Ray's own module is always imported as ``from ray import tune``; this module is
-``visionray.tune``, whose modules are ``spec``, ``run``, ``results``, ``plots`` and ``seal``.
+``visionray.tune.run`` (its package also holds ``spec``, ``results``, ``plots`` and ``seal``).
 """
 
 from __future__ import annotations
