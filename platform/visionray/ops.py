@@ -29,6 +29,7 @@ class Op(Strict):
 
     preprocess: ClassVar[bool] = False  # may sit in an eval preset (deterministic when p == 1)
     batched: ClassVar[bool] = False  # the batched pipeline runs it on whole batches (transforms.batch_augment)
+    classic: ClassVar[bool] = False  # one of the classic ops VisionRay started from
 
     def build(self, image_size: int) -> v2.Transform | None:
         """The torchvision transform (None for the identity)."""
@@ -136,45 +137,46 @@ class BrightnessContrastOp(Op):
     op: Literal["brightness_contrast"] = "brightness_contrast"
     brightness: float = Field(0.2, ge=0.0, le=1.0)
     contrast: float = Field(0.2, ge=0.0, le=1.0)
+    classic: ClassVar[bool] = True
 
     def build(self, image_size: int) -> v2.Transform:
         return v2.ColorJitter(brightness=self.brightness, contrast=self.contrast)
 
 
+class _ProbabilityOp(Op):
+    """A deterministic op (when ``p`` is 1) that torchvision applies with probability ``p``."""
+
+    p: Probability = 1.0
+    preprocess: ClassVar[bool] = True
+    classic: ClassVar[bool] = True
+    transform: ClassVar[type[v2.Transform]]
+
+    def build(self, image_size: int) -> v2.Transform:
+        return self.transform(p=self.p)
+
+
 @register_op
-class GrayscaleOp(Op):
+class GrayscaleOp(_ProbabilityOp):
     """A classic op: grayscale conversion; the channel count is kept."""
 
     op: Literal["grayscale"] = "grayscale"
-    p: Probability = 1.0
-    preprocess: ClassVar[bool] = True
-
-    def build(self, image_size: int) -> v2.Transform:
-        return v2.RandomGrayscale(p=self.p)
+    transform: ClassVar[type[v2.Transform]] = v2.RandomGrayscale
 
 
 @register_op
-class AutocontrastOp(Op):
+class AutocontrastOp(_ProbabilityOp):
     """A classic op: contrast enhancement, each channel stretched to the full range."""
 
     op: Literal["autocontrast"] = "autocontrast"
-    p: Probability = 1.0
-    preprocess: ClassVar[bool] = True
-
-    def build(self, image_size: int) -> v2.Transform:
-        return v2.RandomAutocontrast(p=self.p)
+    transform: ClassVar[type[v2.Transform]] = v2.RandomAutocontrast
 
 
 @register_op
-class EqualizeOp(Op):
+class EqualizeOp(_ProbabilityOp):
     """A classic op: contrast enhancement by histogram equalisation."""
 
     op: Literal["equalize"] = "equalize"
-    p: Probability = 1.0
-    preprocess: ClassVar[bool] = True
-
-    def build(self, image_size: int) -> v2.Transform:
-        return v2.RandomEqualize(p=self.p)
+    transform: ClassVar[type[v2.Transform]] = v2.RandomEqualize
 
 
 @register_op
@@ -183,6 +185,7 @@ class ColorBalanceOp(Op):
 
     op: Literal["color_balance"] = "color_balance"
     saturation: float = Field(0.3, ge=0.0, le=1.0)
+    classic: ClassVar[bool] = True
 
     def build(self, image_size: int) -> v2.Transform:
         return ColorBalance(self.saturation)
@@ -196,6 +199,7 @@ class BinarizeOp(Op):
     threshold: int = Field(128, ge=0, le=255, description="uint8 intensity")
     p: Probability = 1.0
     preprocess: ClassVar[bool] = True
+    classic: ClassVar[bool] = True
 
     def build(self, image_size: int) -> v2.Transform:
         return Binarize(self.threshold, self.p)
@@ -207,6 +211,6 @@ def list_ops() -> list[str]:
 
 AUGMENT_OPS = tuple(_OPS)  # every registered op, in registration order
 PREPROCESS_OPS = tuple(name for name, cls in _OPS.items() if cls.preprocess)
-CLASSIC_OPS = ("brightness_contrast", "grayscale", "autocontrast", "equalize", "color_balance", "binarize")
+CLASSIC_OPS = tuple(name for name, cls in _OPS.items() if cls.classic)
 BATCHED_OPS = tuple(name for name, cls in _OPS.items() if cls.batched)
 AugmentOp = Annotated[Union[tuple(_OPS.values())], Field(discriminator="op")]  # one of the registered ops

@@ -283,7 +283,7 @@ class Registry:
     def _metadata(meta: ckpt.CheckpointMeta, name: str, version: int, given: str | Path,
                   lineage: dict | None, signer: str | None) -> VersionMeta:
         return VersionMeta(
-            **{k: getattr(meta, k) for k in ckpt.CheckpointMeta.model_fields if k != "format"},
+            **meta.model_dump(exclude={"format"}),
             input_shape=[meta.model.in_channels, meta.model.image_size, meta.model.image_size],
             lineage=_json_ready({
                 **(lineage or {}),
