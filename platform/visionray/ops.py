@@ -205,10 +205,6 @@ class BinarizeOp(Op):
         return Binarize(self.threshold, self.p)
 
 
-def list_ops() -> list[str]:
-    return list(_OPS)
-
-
 AUGMENT_OPS = tuple(_OPS)  # every registered op, in registration order
 PREPROCESS_OPS = tuple(name for name, cls in _OPS.items() if cls.preprocess)
 CLASSIC_OPS = tuple(name for name, cls in _OPS.items() if cls.classic)

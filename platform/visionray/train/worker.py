@@ -79,8 +79,8 @@ class Worker:
         self.data = data = open_pipeline(spec, rank, world, device, stream)
         self.classes, self.preset, steps = data.classes, data.preset, data.steps_per_epoch
 
-        self.model_kwargs = spec.model.kwargs()
-        model = create_model(spec.model.name, len(self.classes), self.preset.channels, self.preset.image_size, **self.model_kwargs)
+        model = create_model(spec.model.name, len(self.classes), self.preset.channels, self.preset.image_size,
+                             **spec.model.kwargs())
         model = model.to(device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
         self.optimizer = build_optimizer(spec.optim, model, effective_lr(spec.optim, spec.optim.batch_size * world))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factors(spec.optim, self.optimizer, steps))
