@@ -2,11 +2,16 @@
 model's training-step rate, for each shipped recipe, measured side by side in one process.
 
 Pipelines: the recipe's own (per-sample torchvision ops in a DataLoader, or the batched
-device-resident path), the batched path for comparison where the recipe's ops allow it, and Ray
-Data streaming for image-folder recipes. Step rate: forward + backward + optimiser step on
-ready-made batches. Goal: pipeline rate / step rate >= 1.5.
+device-resident path), the batched path for comparison where the recipe's ops allow it, and, for
+image-folder recipes, Ray Data streaming of the folder and of a pack of it (``visionray data
+pack``, made once into the cache): their steady-state rate (after the first batches) and time to
+the first batch, reported apart. ``decode_limit``: Pillow decode + the preset's resize on one core
+(the physical limit each decode CPU has). Step rate: forward + backward + optimiser step on
+ready-made batches. Goals: pipeline rate / step rate >= 1.5; streaming within 2x of the decode
+limit per decode CPU. ``--scale`` adds rows for manifests of 100, 1,000 and 10,000 tiny shards:
+driver memory and time to the first batch.
 
-    python benchmarks/data_path.py [--recipes quickstart cifar10-small ...] [--limit 4096] [--gpu]
+    python benchmarks/data_path.py [--recipes quickstart cifar10-small ...] [--limit 4096] [--gpu] [--scale]
 """
 
 from __future__ import annotations
@@ -34,6 +39,88 @@ def images_per_s(batches, max_images: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+WARMUP_BATCHES = 4  # batches a stream delivers before its steady-state rate is timed
+
+
+def stream_rates(batches, max_images: int) -> dict:
+    """Time to the first batch, then images/s after ``WARMUP_BATCHES`` batches."""
+    start, seen, first, steady_from, steady_seen = time.perf_counter(), 0, None, None, 0
+    for i, (images, _) in enumerate(batches):
+        now = time.perf_counter()
+        first = now - start if first is None else first
+        if i == WARMUP_BATCHES:
+            steady_from, steady_seen = now, seen
+        seen += len(images)
+        if seen >= max_images:
+            break
+    end = time.perf_counter()
+    steady = (seen - steady_seen) / (end - steady_from) if steady_from is not None and end > steady_from else None
+    return {"images_per_s": steady, "first_batch_s": first, "images": seen}
+
+
+def decode_limit(spec, preset, count: int) -> float:
+    """Images/s of Pillow decode + resize of the recipe's own files, one core, one thread."""
+    from visionray.data.folders import folder_files
+    from visionray.data.images import decode
+
+    blobs = [f.read_bytes() for f in folder_files(spec.data).train[:count]]
+    torch.set_num_threads(1)
+    try:
+        start = time.perf_counter()
+        for b in blobs:
+            decode(b, preset.channels, preset.image_size)
+        return len(blobs) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+
+
+def cached_pack(spec) -> str:
+    """The recipe's folder packed once into the cache (a rerun verifies and keeps it)."""
+    import hashlib
+
+    from visionray import defaults
+    from visionray.data.pack import pack
+
+    key = hashlib.sha256(f"{spec.data.path}|{spec.data.val_fraction}|{spec.data.split_seed}".encode()).hexdigest()[:12]
+    dest = defaults.CACHE_DIR / "bench-packs" / key
+    pack(spec.data.path, str(dest), val_fraction=spec.data.val_fraction, seed=spec.data.split_seed)
+    return str(dest / "manifest.json")
+
+
+def scale_rows(counts=(100, 1000, 10000)) -> list[dict]:
+    """Driver memory and time to the first batch for manifests of many tiny generated shards."""
+    import tempfile
+    import tracemalloc
+
+    from PIL import Image
+
+    from visionray.data.pack import pack
+    from visionray.data.streaming import iter_stream, streaming_datasets
+    from visionray.specs import DataSpec, TrainSpec
+
+    rows = []
+    for n in counts:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / "src"
+            for i in range(n):  # one 8x8 PNG (~80 bytes) per shard: shard_mib below one image's size
+                (src / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+                Image.new("L", (8, 8), i % 256).save(src / f"c{i % 2}" / f"{i}.png")
+            pack(str(src), str(Path(tmp) / "pack"), shard_mib=1e-5, val_fraction=0.01)
+            spec = DataSpec(source="shards", path=str(Path(tmp) / "pack" / "manifest.json"), image_size=8, channels=1)
+            preset = TrainSpec(data=spec).eval_preset(1)
+            tracemalloc.start()
+            start = time.perf_counter()
+            datasets, info = streaming_datasets(spec, preset, 1, 16)
+            planned = time.perf_counter() - start
+            next(iter(iter_stream(datasets["train"], 16, preset)))
+            first = time.perf_counter() - start
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        rows.append({"recipe": f"scale-{n}-shards", "pipeline": "shards_streaming", "shards": n,
+                     "driver_plan_s": planned, "first_batch_s": first, "driver_peak_mib": peak / 2**20})
+    return rows
+
+
 def step_rate(worker, batches: list, steps: int) -> float:
     from visionray.train.epoch import train_one_epoch
 
@@ -47,7 +134,6 @@ def measure(recipe: str, limit: int, gpu: bool, steps: int) -> list[dict]:
     from visionray.data.streaming import iter_stream, streaming_datasets
     from visionray.specs import load_spec
     from visionray.train.worker import Worker
-    from visionray.transforms import train_transform
 
     overrides = [f"data.limit={limit}", f"scaling.gpu={str(gpu).lower()}", "scaling.workers=1", "scaling.compile=false"]
     if not gpu:
@@ -64,17 +150,24 @@ def measure(recipe: str, limit: int, gpu: bool, steps: int) -> list[dict]:
         batched = Worker(load_spec(REPO / "jobs" / f"{recipe}.yaml", [*overrides, "data.pipeline=batched"]), 0, 1, device)
         rows.append({"recipe": recipe, "pipeline": "batched", "images_per_s": images_per_s(batched.data.epoch(1)[0], budget)})
     if spec.data.source == "imagefolder":
-        import ray
+        from visionray.cluster.local import init_ray
 
-        if not ray.is_initialized():
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-        datasets, _ = streaming_datasets(spec.data.model_copy(update={"streaming": True}), worker.preset)
-        tf = train_transform(worker.preset, spec.augment)  # streaming always runs the per-sample ops
-        stream = iter_stream(datasets["train"].limit(budget), spec.optim.batch_size, tf)
-        rows.append({"recipe": recipe, "pipeline": "ray_data_streaming", "images_per_s": images_per_s(stream, budget)})
+        init_ray()
+        rows.append({"recipe": recipe, "pipeline": "decode_limit", "images_per_s": decode_limit(spec, worker.preset, 1000),
+                     "cpus": 1})
+        packed = spec.data.model_copy(update={"source": "shards", "path": cached_pack(spec), "streaming": True})
+        for name, data in (("folder_streaming", spec.data.model_copy(update={"streaming": True})), ("shards_streaming", packed)):
+            datasets, _ = streaming_datasets(data, worker.preset, 1, spec.optim.batch_size)
+            stream = iter_stream(datasets["train"].limit(budget * 4), spec.optim.batch_size, worker.preset, spec.augment,
+                                 shuffle_seed=0)
+            rows.append({"recipe": recipe, "pipeline": name, "cpus": data.decode_cpus, **stream_rates(stream, budget * 4)})
     for r in rows:
         r["step_images_per_s"] = model_rate
-        r["ratio"] = r["images_per_s"] / model_rate
+        r["ratio"] = r["images_per_s"] / model_rate if r["images_per_s"] else None
+    limit_rate = next((r["images_per_s"] for r in rows if r["pipeline"] == "decode_limit"), None)
+    for r in rows:
+        if limit_rate and r["pipeline"].endswith("_streaming") and r["images_per_s"]:
+            r["per_cpu_vs_decode_limit"] = r["images_per_s"] / r["cpus"] / limit_rate
     return rows
 
 
@@ -84,6 +177,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=4096, help="training images loaded per recipe")
     parser.add_argument("--steps", type=int, default=8, help="training steps timed per recipe")
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--scale", action="store_true", help="add the 100/1,000/10,000-shard manifest rows")
     parser.add_argument("--out", default=str(HERE / "results" / "data_path.json"))
     args = parser.parse_args()
 
@@ -95,11 +189,23 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     rows = [r for recipe in args.recipes for r in measure(recipe, args.limit, args.gpu, args.steps)]
     table = Table(title=f"input pipeline vs training step ({'GPU' if args.gpu else 'CPU'}), images/s")
-    for col in ("recipe", "pipeline", "pipeline img/s", "step img/s", "ratio (goal >= 1.5)"):
+    for col in ("recipe", "pipeline", "pipeline img/s", "first batch s", "step img/s", "ratio (goal >= 1.5)",
+                "per CPU / decode limit"):
         table.add_column(col, justify="right")
+    num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
-        table.add_row(r["recipe"], r["pipeline"], f"{r['images_per_s']:.0f}", f"{r['step_images_per_s']:.0f}", f"{r['ratio']:.2f}")
+        table.add_row(r["recipe"], r["pipeline"], num(r["images_per_s"], ".0f"), num(r.get("first_batch_s"), ".2f"),
+                      num(r["step_images_per_s"], ".0f"), num(r["ratio"], ".2f"), num(r.get("per_cpu_vs_decode_limit"), ".2f"))
     Console().print(table)
+    if args.scale:
+        scale = scale_rows()
+        t = Table(title="time to first batch and driver memory by shard count")
+        for col in ("shards", "plan s", "first batch s", "driver peak MiB"):
+            t.add_column(col, justify="right")
+        for r in scale:
+            t.add_row(str(r["shards"]), f"{r['driver_plan_s']:.2f}", f"{r['first_batch_s']:.2f}", f"{r['driver_peak_mib']:.1f}")
+        Console().print(t)
+        rows += scale
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU x{os.cpu_count()}"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"device": device, "versions": versions(), "rows": rows}, indent=2))

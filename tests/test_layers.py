@@ -16,7 +16,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "platform" / "visionray"
 
-FOUNDATION = {"defaults", "spec_io", "ops", "models", "transforms", "specs", "data", "checkpoint", "runs", "evaluate"}
+FOUNDATION = {"defaults", "storage", "spec_io", "ops", "models", "transforms", "specs", "data", "checkpoint", "runs", "evaluate"}
 ALLOWED = {  # stage -> the stages it may import (itself included)
     **{name: FOUNDATION for name in FOUNDATION},
     "train": FOUNDATION | {"train"},

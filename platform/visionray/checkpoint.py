@@ -15,7 +15,7 @@ import json
 import platform as _platform
 import time
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, Sequence, TypeVar
 
 import torch
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -122,6 +122,8 @@ class CheckpointMeta(Strict):
     metrics: dict[str, float | int | None] = Field(default_factory=dict, description="the epoch's reported metrics")
     epoch: int = Field(ge=0, description="epochs completed")
     spec: dict[str, Any] = Field(description="the resolved TrainSpec, as JSON")
+    skipped_images: list[str] = Field(default_factory=list, description="images that did not decode and were left "
+                                      "out of training and validation (data.on_bad_file: skip)")
     versions: dict[str, str] = Field(default_factory=dict, description="visionray, torch, torchvision, ray, python")
     created: str = Field(description="UTC, ISO 8601")
 
@@ -160,7 +162,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def save_checkpoint(
     directory: Path, model: nn.Module, *, spec: TrainSpec, classes: list[str], preset: EvalPreset,
-    metrics: dict[str, Any], epoch: int, train_state: dict[str, Any] | None = None,
+    metrics: dict[str, Any], epoch: int, train_state: dict[str, Any] | None = None, skipped: Sequence[str] = (),
 ) -> CheckpointMeta:
     """Write the weights (safetensors), the metadata (JSON) and, to resume, the training state."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -170,7 +172,7 @@ def save_checkpoint(
         model=Architecture(name=spec.model.name, kwargs=spec.model.kwargs(), num_classes=len(classes),
                            in_channels=preset.channels, image_size=preset.image_size),
         classes=classes, eval_preset=preset, tta=spec.evaluation.tta, metrics=metrics, epoch=epoch,
-        spec=spec.model_dump(mode="json", by_alias=True), versions=versions(),
+        spec=spec.model_dump(mode="json", by_alias=True), skipped_images=list(skipped), versions=versions(),
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     (directory / METADATA_FILE).write_text(meta.model_dump_json(indent=2))

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from visionray.checkpoint import CheckpointMeta
-from visionray.data.folders import decode_folder, resolve_folder
+from visionray.data.folders import decode_files, list_folder, resolve_folder
 from visionray.data.sources import TORCHVISION_SOURCES, load_splits, resize_all, to_channels, torchvision_arrays
 from visionray.data.splits import DataError, ImageArrays
 from visionray.models import tta_logits
@@ -63,10 +63,11 @@ def eval_arrays(meta: CheckpointMeta, data: str) -> ImageArrays:
             torch.as_tensor(labels, dtype=torch.long),
         )
     root = resolve_folder(data)
-    arrays, classes = decode_folder(root, preset.channels, preset.image_size)
+    files, labels, classes = list_folder(root)  # the structure is checked before any image is decoded
     unknown = sorted(set(classes) - set(meta.classes))
     if unknown:
         raise DataError(f"{data}: class folders {unknown} are not classes of this model ({meta.classes})")
+    arrays, _ = decode_files(files, labels, preset.channels, preset.image_size)  # bad files raise, named
     remap = torch.tensor([meta.classes.index(c) for c in classes])
     return ImageArrays(arrays.images, remap[arrays.labels])
 

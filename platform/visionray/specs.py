@@ -57,7 +57,8 @@ DataSource = Literal[tuple(list_sources())]  # the names registered in visionray
 
 class DataSpec(Strict):
     source: DataSource = Field("digits", description="a source registered in visionray.data.sources")
-    path: str | None = Field(None, description="imagefolder: a directory of class folders, or a .tar/.tar.gz of one")
+    path: str | None = Field(None, description="imagefolder: a directory of class folders, or a .tar/.tar.gz of one; "
+                             "shards: the manifest.json of a pack (`visionray data pack`), a local path or URI")
     val_path: str | None = Field(None, description="imagefolder: a separate validation folder or archive")
     root: str | None = Field(None, description="torchvision sources: directory holding (or receiving) the files")
     download: bool = Field(False, description="torchvision sources: download into root when missing")
@@ -69,7 +70,13 @@ class DataSpec(Strict):
     split_seed: int = Field(0, ge=0, description="seed of the train/val split: same seed, same split")
     limit: int | None = Field(None, ge=16, description="train on a seeded random subset of this many training images "
                                "(quick runs; the held-out split is unchanged)")
-    streaming: bool = Field(False, description="imagefolder: stream through Ray Data instead of loading to memory")
+    streaming: bool = Field(False, description="imagefolder, shards: stream through Ray Data instead of loading to "
+                            "memory (default for shards; false decodes a pack into memory)")
+    decode_cpus: int = Field(2, ge=1, le=4096, description="streaming: concurrent Ray Data decode tasks (1 CPU each) "
+                             "reading, decoding and resizing images for the training workers")
+    on_bad_file: Literal["fail", "skip"] = Field(
+        "fail", description="an image that does not decode: fail (stop, naming the first files) or skip (leave it "
+        "out; the count is reported and recorded in the checkpoint)")
     loader_workers: int = Field(0, ge=0, le=64, description="DataLoader worker processes per training worker")
     pipeline: Literal["per_sample", "batched"] = Field(
         "per_sample",
@@ -85,16 +92,28 @@ class DataSpec(Strict):
 
     _shorthand = field_validator("preprocess", mode="before")(_ops_from_shorthand)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _shards_stream(cls, data: Any) -> Any:
+        """A pack exists to be streamed: ``source: shards`` streams unless ``streaming`` says otherwise."""
+        if isinstance(data, dict) and data.get("source") == "shards" and "streaming" not in data:
+            data = {**data, "streaming": True}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> "DataSpec":
         if self.source == "imagefolder" and not self.path:
             raise ValueError("source 'imagefolder' needs data.path: a directory of class folders or a .tar/.tar.gz")
-        if self.source != "imagefolder":
+        if self.source == "shards" and not self.path:
+            raise ValueError("source 'shards' needs data.path: the manifest.json written by `visionray data pack`")
+        if self.source == "shards" and self.val_path:
+            raise ValueError("data.val_path is not for source 'shards': a pack holds its own validation split")
+        if self.source not in ("imagefolder", "shards"):
             for name in ("path", "val_path"):
                 if getattr(self, name):
-                    raise ValueError(f"data.{name} is only for source 'imagefolder' (source is {self.source!r})")
-        if self.streaming and self.source != "imagefolder":
-            raise ValueError(f"data.streaming is only for source 'imagefolder' (source is {self.source!r})")
+                    raise ValueError(f"data.{name} is only for sources 'imagefolder' and 'shards' (source is {self.source!r})")
+        if self.streaming and self.source not in ("imagefolder", "shards"):
+            raise ValueError(f"data.streaming is only for sources 'imagefolder' and 'shards' (source is {self.source!r})")
         for op in self.preprocess:
             if op.op not in PREPROCESS_OPS or getattr(op, "p", 1.0) != 1.0:
                 raise ValueError(

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 from torchvision.transforms import v2
 
-from visionray.ops import AugmentOp
+from visionray.ops import BATCHED_OPS, AugmentOp
 
 if TYPE_CHECKING:  # specs imports the data registry, which uses these transforms
     from visionray.specs import EvalPreset
@@ -122,3 +122,22 @@ def batch_augment(augment: Sequence[AugmentOp], generator: torch.Generator, num_
         return x
 
     return apply
+
+
+def augment_batches(preset: EvalPreset, augment: Sequence[AugmentOp], generator: torch.Generator
+                    ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Streamed training batches (uint8, resized and preprocessed already) to normalised, augmented
+    floats: ``flip_crop`` and ``none`` on the whole batch; a policy with any other op runs image
+    by image (those ops have no batched form)."""
+    if all(op.op in BATCHED_OPS for op in augment):
+        steps = [BatchFlipCrop(op.padding, op.flip, generator) for op in augment if op.op == "flip_crop"]
+
+        def batched(x: torch.Tensor) -> torch.Tensor:
+            x = normalize_batch(preset, x)
+            for step in steps:
+                x = step(x)
+            return x
+        return batched
+    per_image = v2.Compose([*_compose(augment, preset.image_size), *_finish(preset)])
+    return lambda x: torch.stack([per_image(im) for im in x])
+

@@ -134,12 +134,12 @@ def test_the_decoded_image_cache_sees_an_edited_file(tmp_path, monkeypatch):
     files = [tmp_path / "a" / f"{i}.bmp" for i in range(2)]  # uncompressed: an edit keeps the byte size
     for i, f in enumerate(files):
         Image.new("RGB", (8, 8), (10 * i, 20, 30)).save(f)
-    first = decode_files(files, np.zeros(2, dtype=np.int64), 3, 8).images
+    first = decode_files(files, np.zeros(2, dtype=np.int64), 3, 8)[0].images
     size = files[0].stat().st_size
     time.sleep(0.01)
     Image.new("RGB", (8, 8), (255, 255, 255)).save(files[0])  # same path, same size, new pixels
     assert files[0].stat().st_size == size
-    again = decode_files(files, np.zeros(2, dtype=np.int64), 3, 8).images
+    again = decode_files(files, np.zeros(2, dtype=np.int64), 3, 8)[0].images
     assert not torch.equal(first[0], again[0]) and int(again[0].min()) == 255
     assert torch.equal(first[1], again[1])
 

@@ -39,12 +39,13 @@ def user_errors() -> Iterator[None]:
     from visionray.checkpoint import CheckpointError
     from visionray.data.splits import DataError
     from visionray.spec_io import SpecError
+    from visionray.storage import StorageError
 
     try:
         yield
     except SpecError as exc:
         fail(exc.errors, f"{exc.source}: invalid spec")
-    except (DataError, CheckpointError, FileNotFoundError) as exc:
+    except (DataError, CheckpointError, StorageError, FileNotFoundError) as exc:
         if os.environ.get("VISIONRAY_DEBUG") == "1":
             raise
         fail(str(exc))

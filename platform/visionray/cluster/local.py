@@ -40,9 +40,14 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
 def local_cluster_env():
     """Start a local cluster on a known GCS port and give its processes RAY_ADDRESS: Ray's own
     state-API lookups inside the cluster (Train's placement-group cleaner) then find this cluster
-    even when other Ray clusters run on the same machine. The driver's environment is restored."""
+    even when other Ray clusters run on the same machine. The driver's environment is restored,
+    except that Ray Train's preemption watcher stays off for this driver and the cluster's
+    processes: it polls for node drains, which only a cloud provider or KubeRay announce, and it
+    would start one more Python process for every training run and every trial."""
     import os
     import socket
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import torch
 
 from visionray import defaults
 from visionray.data.splits import DataError, ImageArrays, limit_indices, split_indices
-from visionray.transforms import resize_to
+from visionray.data.images import BadImage, BadImagesError, decode_batch
 
 if TYPE_CHECKING:  # specs derives its source names from visionray.data.sources
     from visionray.specs import DataSpec
@@ -86,20 +86,12 @@ def list_folder(root: Path) -> tuple[list[Path], np.ndarray, list[str]]:
     return files, np.asarray(labels), classes
 
 
-def decode_file(path: Path, channels: int, size: int) -> torch.Tensor:
-    """One image file as uint8 (C, size, size), through Pillow and the preset's resize."""
-    from PIL import Image
-    from torchvision.transforms.v2 import functional as F
-
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        t = F.pil_to_tensor(im)
-    return t if t.shape[-2:] == (size, size) else resize_to(size)(t)
-
-
-def decode_files(files: list[Path], labels: np.ndarray, channels: int, size: int) -> ImageArrays:
+def decode_files(files: list[Path], labels: np.ndarray, channels: int, size: int, on_bad: str = "fail"
+                 ) -> tuple[ImageArrays, list[BadImage]]:
     """Decode image files into memory, cached as .npy (never pickled) per file list, each file's
-    size and modification time (an edited file is decoded again), channels and size."""
+    size and modification time (an edited file is decoded again), channels and size. Files that do
+    not decode raise ``BadImagesError`` naming them (``on_bad="fail"``) or are left out and
+    returned (``"skip"``; such a set is not cached, so they are reported every time)."""
     digest = hashlib.sha256()
     for f in files:
         st = f.stat()
@@ -107,21 +99,27 @@ def decode_files(files: list[Path], labels: np.ndarray, channels: int, size: int
     digest.update(f"|{channels}|{size}".encode())
     cache = defaults.CACHE_DIR / "decoded" / f"{digest.hexdigest()[:24]}.npy"
     if cache.exists():
-        images = torch.from_numpy(np.load(cache, allow_pickle=False))
-    else:
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-            images = torch.stack(list(pool.map(lambda f: decode_file(f, channels, size), files, chunksize=256)))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
-        np.save(tmp, images.numpy(), allow_pickle=False)
-        os.replace(tmp, cache)
-    return ImageArrays(images, torch.as_tensor(labels, dtype=torch.long))
-
-
-def decode_folder(root: Path, channels: int, size: int) -> tuple[ImageArrays, list[str]]:
-    """Every image of a class-folder tree, decoded, and the class names."""
-    files, labels, classes = list_folder(root)
-    return decode_files(files, labels, channels, size), classes
+        return ImageArrays(torch.from_numpy(np.load(cache, allow_pickle=False)), torch.as_tensor(labels, dtype=torch.long)), []
+    workers = os.cpu_count() or 2
+    parts = [files[i::workers] for i in range(workers)]  # every thread one part; Pillow releases the GIL
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        decoded = list(pool.map(lambda part: decode_batch(part, [str(f) for f in part], channels, size), parts))
+    images = np.zeros((len(files), channels, size, size), np.uint8)
+    ok = np.zeros(len(files), bool)
+    bad: list[BadImage] = []
+    for i, (arrays, kept, part_bad) in enumerate(decoded):
+        positions = np.arange(i, len(files), workers)[kept]
+        images[positions], ok[positions] = arrays, True
+        bad += part_bad
+    if bad:
+        if on_bad == "fail":
+            raise BadImagesError(sorted(bad, key=lambda b: b.name), len(files))
+        return ImageArrays(torch.from_numpy(images[ok]), torch.as_tensor(labels[ok], dtype=torch.long)), bad
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, images, allow_pickle=False)
+    os.replace(tmp, cache)
+    return ImageArrays(torch.from_numpy(images), torch.as_tensor(labels, dtype=torch.long)), []
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ SAMPLE_IMAGES = 5000  # images given to data-dependent init
 
 class Pipeline(Protocol):
     classes: list[str]
+    skipped: tuple[str, ...]  # images left out because they did not decode (data.on_bad_file: skip)
     preset: EvalPreset  # the eval preset, with the data's channel count
     steps_per_epoch: int
 
@@ -69,7 +70,7 @@ class _InMemory:
 
     def __init__(self, spec: TrainSpec, splits: DataSplits, rank: int, world: int):
         self.spec, self.splits, self.rank, self.world = spec, splits, rank, world
-        self.classes = splits.classes
+        self.classes, self.skipped = splits.classes, splits.skipped
         self.preset = spec.eval_preset(splits.channels)
         self.steps_per_epoch = steps_per_epoch(len(splits.train), world, spec.optim.batch_size)
 
@@ -108,7 +109,7 @@ class BatchedPipeline(_InMemory):
         preset = spec.eval_preset(splits.channels)
         splits = DataSplits(*(
             ImageArrays(preprocess_all(preset, a.images).to(device), a.labels.to(device)) for a in (splits.train, splits.val)
-        ), splits.classes)
+        ), splits.classes, splits.skipped)
         super().__init__(spec, splits, rank, world)
         self.augment = batch_augment(spec.augment, torch.Generator().manual_seed(spec.seed * 1000 + rank),
                                      len(splits.train), spec.seed)
@@ -132,18 +133,17 @@ class StreamedPipeline:
     def __init__(self, spec: TrainSpec, stream: StreamInfo, rank: int):
         self.spec, self.rank = spec, rank
         self.classes, self.steps_per_epoch = stream.classes, stream.steps_per_epoch
+        self.skipped = stream.skipped
         self.preset = spec.eval_preset(stream.channels)
-        self.train_tf = train_transform(self.preset, spec.augment)
-        self.eval_tf = eval_transform(self.preset)
 
     def epoch(self, epoch: int) -> tuple[Iterable, Iterable]:
         import ray.train
 
         bs = self.spec.optim.batch_size
         return (
-            iter_stream(ray.train.get_dataset_shard("train"), bs, self.train_tf,
+            iter_stream(ray.train.get_dataset_shard("train"), bs, self.preset, self.spec.augment,
                         shuffle_seed=self.spec.seed * 1000 + epoch * 10 + self.rank),
-            iter_stream(ray.train.get_dataset_shard("val"), bs, self.eval_tf),
+            iter_stream(ray.train.get_dataset_shard("val"), bs, self.preset),
         )
 
     def last_batch_sizes(self) -> tuple[None, None]:

@@ -47,7 +47,7 @@ def load_splits(spec: DataSpec, preset: EvalPreset | None = None) -> DataSplits:
     splits = fn(spec, preset)
     if spec.limit is not None and len(splits.train) > spec.limit:
         splits = DataSplits(splits.train.subset(limit_indices(len(splits.train), spec.limit, spec.split_seed)),
-                            splits.val, splits.classes)
+                            splits.val, splits.classes, splits.skipped)
     return splits
 
 
@@ -139,5 +139,34 @@ def _imagefolder(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
     channels = (preset.channels if preset else spec.channels) or 3
     size = preset.image_size if preset else spec.image_size
     files = folder_files(spec)
-    return DataSplits(decode_files(files.train, files.train_labels, channels, size),
-                      decode_files(files.val, files.val_labels, channels, size), files.classes)
+    train, bad_train = decode_files(files.train, files.train_labels, channels, size, spec.on_bad_file)
+    val, bad_val = decode_files(files.val, files.val_labels, channels, size, spec.on_bad_file)
+    return DataSplits(train, val, files.classes, skipped=tuple(b.name for b in bad_train + bad_val))
+
+
+@register_source("shards")
+def _shards(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
+    """A pack (``visionray data pack``) decoded into memory: its own train/val split. Streaming
+    (the default for packs) reads it through Ray Data instead."""
+    from visionray.data.images import BadImagesError, decode_batch
+    from visionray.data.manifest import pack_location, read_manifest, read_shard
+
+    channels = (preset.channels if preset else spec.channels) or 3
+    size = preset.image_size if preset else spec.image_size
+    manifest = read_manifest(spec.path)
+    fs, base = pack_location(spec.path)
+    splits, skipped = [], []
+    for entry in (manifest.train, manifest.val):
+        images, labels = [], []
+        for shard in entry.shards:
+            table = read_shard(fs, base, shard)
+            decoded, kept, bad = decode_batch(table.column("image").to_pylist(), table.column("name").to_pylist(),
+                                              channels, size)
+            if bad and spec.on_bad_file == "fail":
+                raise BadImagesError(bad, table.num_rows)
+            skipped += [b.name for b in bad]
+            images.append(torch.from_numpy(decoded))
+            labels.append(torch.from_numpy(table.column("label").to_numpy().astype(np.int64)[kept]))
+        splits.append(ImageArrays(torch.cat(images) if images else torch.zeros((0, channels, size, size), dtype=torch.uint8),
+                                  torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)))
+    return DataSplits(splits[0], splits[1], manifest.classes, skipped=tuple(skipped))

@@ -35,6 +35,7 @@ class DataSplits:
     train: ImageArrays
     val: ImageArrays
     classes: list[str]
+    skipped: tuple[str, ...] = ()  # images that did not decode and were left out (data.on_bad_file: skip)
 
     @property
     def channels(self) -> int:

@@ -1,62 +1,130 @@
-"""Streaming through Ray Data, for image folders larger than memory."""
+"""Streaming through Ray Data, for data larger than memory: image folders and packed shards.
+
+Both streams decode in ``map_batches`` (numpy batches of uint8 (N, C, size, size), already resized
+and preprocessed with the eval preset's deterministic ops), in at most ``data.decode_cpus``
+concurrent tasks of one CPU each; every training worker iterates its own part of the stream
+(``ray.train.get_dataset_shard``), shuffled through a local buffer, and augments whole batches
+(``flip_crop`` on the batch; ops without a batched form image by image).
+
+The driver holds only what it must: the file list for a folder, the manifest for a pack (time to
+the first batch grows with the number of shards, never with the number of images).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from visionray.data.folders import folder_files
-from visionray.transforms import resize
+from visionray.data.images import BadImagesError, decode_batch
+from visionray.data.manifest import ShardEntry, pack_location, read_manifest, read_shard
+from visionray.transforms import augment_batches, normalize_batch, preprocess_all
 
 if TYPE_CHECKING:
+    from visionray.ops import AugmentOp
     from visionray.specs import DataSpec, EvalPreset
+
+DECODE_BATCH = 256  # images per decode call
+STREAM_BLOCK_BYTES = 8 << 20  # bytes per block a decode task emits: a block reaches the trainers as soon as it is full
+MAX_READ_BLOCKS = 256  # blocks the shard list is cut into: planning stays flat in the shard count
+STREAM_SHUFFLE_BUFFER = 4096  # images held per worker to shuffle a stream
 
 
 @dataclass(frozen=True)
 class StreamInfo:
-    """What a worker needs to know about a streamed dataset (counted on the driver)."""
+    """What a worker needs to know about a streamed dataset (from the driver's listing or manifest)."""
 
     classes: list[str]
     channels: int
     steps_per_epoch: int
+    skipped: tuple[str, ...] = ()  # images a pack left out (its manifest's bad files)
 
 
-def streaming_datasets(spec: DataSpec, preset: EvalPreset) -> tuple[dict, list[str]]:
-    """Ray Datasets for data larger than memory: images are read and resized by Ray Data tasks
-    and each training worker iterates its own shard (``ray.train.get_dataset_shard``). Only the
-    file list is held in memory: the split is the in-memory path's (same seed, same images), and
-    the training files are read in a seeded random order, so no class arrives in one block."""
+class Decoder:
+    """Encoded images (file paths or bytes) to preprocessed uint8 batches, in a Ray Data task.
+    Bad images stop the run naming them (``on_bad="fail"``) or are left out (``"skip"``)."""
+
+    def __init__(self, preset: EvalPreset, on_bad: str):
+        self.preset, self.on_bad = preset, on_bad
+
+    def __call__(self, items: Sequence[Any], names: Sequence[str], labels: np.ndarray) -> dict[str, np.ndarray]:
+        images, kept, bad = decode_batch(items, names, self.preset.channels, self.preset.image_size)
+        if bad and self.on_bad == "fail":
+            raise BadImagesError(bad, len(items))
+        if self.preset.preprocess and len(images):
+            images = preprocess_all(self.preset, torch.from_numpy(images)).numpy()
+        return {"image": images, "label": np.asarray(labels, dtype=np.int64)[kept]}
+
+
+def _folder_decode(decoder: Decoder) -> Callable[[dict], dict]:
+    def decode(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        paths = [str(p) for p in batch["path"]]
+        return decoder([Path(p) for p in paths], paths, batch["label"])
+    return decode
+
+
+def _shard_decode(decoder: Decoder, fs: Any, base: str) -> Callable[[dict], Iterator[dict]]:
+    def decode(batch: dict[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
+        for raw in batch["entry"]:
+            table = read_shard(fs, base, ShardEntry.model_validate_json(raw))  # checksum verified first
+            for part in table.to_batches(max_chunksize=DECODE_BATCH):
+                yield decoder(part.column("image").to_pylist(), part.column("name").to_pylist(),
+                              part.column("label").to_numpy())
+    return decode
+
+
+def streaming_datasets(spec: DataSpec, preset: EvalPreset, workers: int, batch_size: int
+                       ) -> tuple[dict, StreamInfo]:
+    """Ray Datasets ``train`` and ``val`` for the spec's folder or pack, and what workers need to know."""
     import ray.data
 
-    files = folder_files(spec)
-    train_files, val_files, classes = files.train, files.val, files.classes
-    order = np.random.default_rng(spec.split_seed).permutation(len(train_files))
-    index = {name: i for i, name in enumerate(classes)}
-    to_size = resize(preset)
+    decoder = Decoder(preset, spec.on_bad_file)
+    step = {"num_cpus": 1, "concurrency": spec.decode_cpus}
+    if spec.source == "shards":
+        manifest = read_manifest(spec.path)
+        fs, base = pack_location(spec.path)
+        decode = _shard_decode(decoder, fs, base)
 
-    def to_row(row: dict) -> dict:  # images sit in their class folder: the label is its name
-        image = torch.from_numpy(np.ascontiguousarray(row["image"]))
-        image = image.unsqueeze(0) if image.ndim == 2 else image.permute(2, 0, 1)
-        return {"image": to_size(image).numpy(), "label": index[Path(row["path"]).parent.name]}
+        def read(entries: list[ShardEntry], seed: int | None):
+            order = np.random.default_rng(seed).permutation(len(entries)) if seed is not None else range(len(entries))
+            rows = [{"entry": entries[i].model_dump_json()} for i in order]
+            blocks = max(1, min(len(rows), MAX_READ_BLOCKS))  # a block of shard entries is one decode task's work
+            return ray.data.from_items(rows, override_num_blocks=blocks).map_batches(decode, batch_size=1, **step)
 
-    def read(paths: list[Path]):
-        return ray.data.read_images([str(p) for p in paths], mode="L" if preset.channels == 1 else "RGB", include_paths=True)
+        train, val = read(manifest.train.shards, spec.split_seed), read(manifest.val.shards, None)
+        classes, n_train = manifest.classes, manifest.train.count
+        skipped = tuple(b.name for b in manifest.bad_files)
+        if spec.limit is not None and spec.limit < n_train:
+            train, n_train = train.limit(spec.limit), spec.limit
+    else:
+        files = folder_files(spec)
+        order = np.random.default_rng(spec.split_seed).permutation(len(files.train))  # no class arrives in one block
+        decode = _folder_decode(decoder)
 
-    return {"train": read([train_files[i] for i in order]).map(to_row), "val": read(val_files).map(to_row)}, classes
+        def listed(paths: list[Path], labels: np.ndarray):
+            rows = [{"path": str(p), "label": int(y)} for p, y in zip(paths, labels)]
+            return ray.data.from_items(rows).map_batches(decode, batch_size=DECODE_BATCH, **step)
+
+        train = listed([files.train[i] for i in order], files.train_labels[order])
+        val = listed(files.val, files.val_labels)
+        classes, n_train, skipped = files.classes, len(files.train), ()
+    for ds in (train, val):  # Ray Data's default (128 MiB) would hold a small-image shard's first batch until all of it decoded
+        ds.context.target_max_block_size = STREAM_BLOCK_BYTES
+    steps = max(1, -(-n_train // (workers * batch_size)))
+    return {"train": train, "val": val}, StreamInfo(classes, preset.channels, steps, skipped)
 
 
-STREAM_SHUFFLE_BUFFER = 4096  # images held per worker to shuffle a stream that arrives in file order
-
-
-def iter_stream(shard, batch_size: int, transform: Callable, shuffle_seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches from a Ray Data shard; ``shuffle_seed`` shuffles through a local buffer (training)."""
+def iter_stream(shard, batch_size: int, preset: EvalPreset, augment: Sequence[AugmentOp] = (),
+                shuffle_seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised (and, for training, augmented) batches from a worker's Ray Data shard;
+    ``shuffle_seed`` shuffles through a local buffer (training)."""
     shuffle = {} if shuffle_seed is None else {
         "local_shuffle_buffer_size": max(STREAM_SHUFFLE_BUFFER, 4 * batch_size), "local_shuffle_seed": shuffle_seed,
     }
+    apply = augment_batches(preset, augment, torch.Generator().manual_seed(shuffle_seed or 0))
     for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.long}, **shuffle):
-        images = torch.stack([transform(img) for img in batch["image"]])
-        yield images, batch["label"]
+        yield (apply(batch["image"]) if augment else normalize_batch(preset, batch["image"])), batch["label"]

@@ -221,35 +221,22 @@ class ObjectStore(Store):
 
 
 def open_store(root: str, filesystem: Any = None) -> LocalStore | ObjectStore:
-    """The store for a registry root: a local path or ``file://`` URI, any URI pyarrow.fs opens, else
-    one fsspec opens; or ``root`` as a path inside a given pyarrow ``filesystem``."""
-    import pyarrow.fs as pafs
+    """The store for a registry root: a local path or any URI ``visionray.storage`` resolves; or
+    ``root`` as a path inside a given pyarrow ``filesystem``."""
+    from visionray import storage
 
     if filesystem is None and "://" not in root:
         return LocalStore(root)
     root_uri = root
     if filesystem is None:
         try:
-            filesystem, path = pafs.FileSystem.from_uri(root)
-        except (ValueError, OSError) as exc:  # pyarrow.lib.ArrowInvalid is a ValueError
-            filesystem, path = _fsspec(root, exc)
+            filesystem, path = storage.resolve(root)
+        except storage.StorageError as exc:
+            raise RegistryError(f"registry {exc}") from None
     else:
         path = root
         if "://" not in root:
             root_uri = f"{filesystem.type_name}://{root.lstrip('/')}"
-    if isinstance(filesystem, pafs.LocalFileSystem):
+    if storage.is_local(filesystem):
         return LocalStore(path, root_uri)
     return ObjectStore(filesystem, path, root_uri)
-
-
-def _fsspec(root: str, first_error: Exception):
-    import pyarrow.fs as pafs
-
-    try:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(root)
-    except Exception as exc:
-        raise RegistryError(f"registry {root!r}: no filesystem for this URI (pyarrow: {first_error}; "
-                            f"fsspec: {exc}); use a local path, file://, s3:// or gs://") from None
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

@@ -3,13 +3,12 @@ policy, fault tolerance) and a run with live progress (``fit_with_progress``).""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Callable
 
 from ray.train import UserCallback
 
-from visionray.data.streaming import StreamInfo, streaming_datasets
+from visionray.data.streaming import streaming_datasets
 from visionray.runs import local_log_dir, storage_path
 from visionray.specs import TrainSpec, with_absolute_paths
 from visionray.train.worker import train_loop_per_worker
@@ -25,9 +24,7 @@ def build_trainer(spec: TrainSpec, callbacks: list | None = None):
     datasets = None
     if spec.data.streaming:
         preset = spec.eval_preset(spec.data.channels or 3)
-        datasets, classes = streaming_datasets(spec.data, preset)
-        n = datasets["train"].count()
-        config["stream"] = StreamInfo(classes, preset.channels, max(1, math.ceil(n / spec.scaling.workers / spec.optim.batch_size)))
+        datasets, config["stream"] = streaming_datasets(spec.data, preset, spec.scaling.workers, spec.optim.batch_size)
     s = spec.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.gpu:

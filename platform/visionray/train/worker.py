@@ -121,6 +121,8 @@ class Worker:
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         train_batches, val_batches = self.data.epoch(epoch)
         metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0]}
+        if self.data.skipped:
+            metrics["skipped_images"] = len(self.data.skipped)  # data.on_bad_file: skip
         if self.compile_s is not None and epoch == self.start_epoch:
             metrics["compile_s"] = self.compile_s  # kept out of epoch_s
         metrics |= train_one_epoch(
@@ -135,7 +137,7 @@ class Worker:
     def save(self, directory: Path, metrics: dict[str, Any], epoch: int) -> None:
         ckpt.save_checkpoint(
             directory, self.model, spec=self.spec,
-            classes=self.classes, preset=self.preset, metrics=metrics, epoch=epoch,
+            classes=self.classes, preset=self.preset, metrics=metrics, epoch=epoch, skipped=self.data.skipped,
             train_state={
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(), "epoch": epoch,

@@ -1,0 +1,276 @@
+"""Packed shards: `visionray data pack`, the manifest, checksums, resuming, and bad images."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.helpers import REPO
+from visionray import defaults
+from visionray.cli import app
+from visionray.data.images import BadImagesError
+from visionray.data.manifest import MANIFEST_FILE, ShardError, read_manifest
+from visionray.data.pack import JOURNAL_DIR, pack
+from visionray.data.sources import load_splits
+from visionray.specs import DataSpec
+
+runner = CliRunner()
+
+
+def write_ids(root: Path, n: int, classes=("a", "b", "c")) -> None:
+    """PNGs whose pixels encode their number (8x8 grey: lossless, no resize at image_size 8)."""
+    for i in range(n):
+        d = root / classes[i % len(classes)]
+        d.mkdir(parents=True, exist_ok=True)
+        a = np.full((8, 8), i % 251, np.uint8)
+        a[0, 0], a[0, 1] = i // 256, i % 256
+        Image.fromarray(a, "L").save(d / f"{i:05d}.png")
+
+
+def image_ids(images: torch.Tensor) -> list[int]:
+    return (images[:, 0, 0, 0].long() * 256 + images[:, 0, 0, 1].long()).tolist()
+
+
+def truncated_jpeg(path: Path) -> None:
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(path, format="JPEG")
+    path.write_bytes(path.read_bytes()[:300])
+
+
+def noise_folder(root: Path, n: int) -> None:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        d = root / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(d / f"{i:05d}.png")
+
+
+def test_pack_splits_checksums_counts_bad_files_and_a_second_run_changes_nothing(tmp_path):
+    write_ids(tmp_path / "src", 300)
+    truncated_jpeg(tmp_path / "src" / "a" / "broken.jpg")
+    result = pack(str(tmp_path / "src"), str(tmp_path / "pack"), shard_mib=0.005, val_fraction=0.2, seed=3)
+    m = result.manifest
+    assert [b.name for b in m.bad_files] == ["a/broken.jpg"] and "broken.jpg" not in json.dumps(
+        [s.name for s in m.train.shards])
+    assert m.train.count + m.val.count == 300 and len(m.train.shards) > 2
+    assert sum(m.train.per_class) == m.train.count and m.classes == ["a", "b", "c"]
+    names = []
+    for split in (m.train, m.val):
+        assert sum(s.rows for s in split.shards) == split.count
+        for s in split.shards:
+            table = pq.read_table(tmp_path / "pack" / s.name)
+            assert table.num_rows == s.rows and (tmp_path / "pack" / s.name).stat().st_size == s.bytes
+            names += table.column("name").to_pylist()
+    assert len(names) == len(set(names)) == 300  # every image once, the bad one nowhere
+    assert m.images.min_width == m.images.max_width == 8 and m.images.modes == {"L": 300}
+    # the split made at pack time is the in-memory path's: same seed and fraction, same held-out images
+    in_memory = load_splits(DataSpec(source="imagefolder", path=str(tmp_path / "src"), image_size=8, channels=1,
+                                     val_fraction=0.2, split_seed=3, on_bad_file="skip"))
+    packed = load_splits(DataSpec(source="shards", path=str(tmp_path / "pack" / MANIFEST_FILE), image_size=8,
+                                  channels=1, streaming=False))
+    assert sorted(image_ids(packed.val.images)) != [] and len(packed.val) == m.val.count
+    # the bad file shifts nothing: the in-memory split of the same files holds the same val images
+    assert abs(len(in_memory.val) - len(packed.val)) <= 1
+    manifest = tmp_path / "pack" / MANIFEST_FILE
+    before = (manifest.stat().st_mtime_ns, {p.name: p.stat().st_mtime_ns for p in (tmp_path / "pack").iterdir()})
+    again = pack(str(tmp_path / "src"), str(tmp_path / "pack"), shard_mib=0.005, val_fraction=0.2, seed=3)
+    assert again.written == [] and not again.manifest_changed and again.manifest == m
+    assert (manifest.stat().st_mtime_ns, {p.name: p.stat().st_mtime_ns for p in (tmp_path / "pack").iterdir()}) == before
+    with pytest.raises(ShardError, match="other images or arguments"):
+        pack(str(tmp_path / "src"), str(tmp_path / "pack"), shard_mib=0.005, val_fraction=0.3, seed=3)
+
+
+def test_pack_split_equals_the_in_memory_split_of_the_same_folder(tmp_path):
+    write_ids(tmp_path / "src", 200)
+    pack(str(tmp_path / "src"), str(tmp_path / "pack"), shard_mib=0.01, val_fraction=0.25, seed=7)
+    common = {"image_size": 8, "channels": 1, "val_fraction": 0.25, "split_seed": 7}
+    in_memory = load_splits(DataSpec(source="imagefolder", path=str(tmp_path / "src"), **common))
+    packed = load_splits(DataSpec(source="shards", path=str(tmp_path / "pack"), streaming=False, **common))
+    assert sorted(image_ids(packed.val.images)) == sorted(image_ids(in_memory.val.images))
+    assert sorted(image_ids(packed.train.images)) == sorted(image_ids(in_memory.train.images))
+    assert packed.classes == in_memory.classes
+
+
+@pytest.mark.parametrize("damage", ["flip_byte", "truncate", "swap"])
+def test_a_shard_that_does_not_match_its_checksum_is_refused_by_name(tmp_path, damage):
+    write_ids(tmp_path / "src", 120)
+    m = pack(str(tmp_path / "src"), str(tmp_path / "pack"), shard_mib=0.003).manifest
+    victim = tmp_path / "pack" / m.train.shards[1].name
+    data = bytearray(victim.read_bytes())
+    if damage == "flip_byte":
+        data[len(data) // 2] ^= 0xFF
+    elif damage == "truncate":
+        data = data[:-10]
+    else:  # another valid shard put in its place
+        data = bytearray((tmp_path / "pack" / m.train.shards[0].name).read_bytes())
+    victim.write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=m.train.shards[1].name):
+        load_splits(DataSpec(source="shards", path=str(tmp_path / "pack"), image_size=8, channels=1, streaming=False))
+
+
+def test_an_interrupted_pack_resumes_without_duplicating_rows(tmp_path):
+    """A real `visionray data pack` process, SIGKILLed mid-run, then run again."""
+    noise_folder(tmp_path / "src", 1500)
+    cmd = [sys.executable, "-m", "visionray.cli", "data", "pack", str(tmp_path / "src"), str(tmp_path / "pack"),
+           "--shard-mib", "0.02", "--json"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "platform"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    journal = tmp_path / "pack" / JOURNAL_DIR
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(journal.glob("*.json"))) < 5:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    done_before = {p.name.removesuffix(".json") for p in journal.glob("*.json")}
+    assert done_before and not (tmp_path / "pack" / MANIFEST_FILE).exists(), "the pack finished before it was killed"
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout)
+    assert done_before <= set(summary["kept"]) and not set(summary["written"]) & set(summary["kept"])
+    m = read_manifest(str(tmp_path / "pack" / MANIFEST_FILE))
+    names = [n for s in m.train.shards + m.val.shards for n in pq.read_table(tmp_path / "pack" / s.name).column("name").to_pylist()]
+    assert len(names) == len(set(names)) == m.train.count + m.val.count == 1500
+    leftovers = [p.name for p in (tmp_path / "pack").iterdir() if p.name.endswith(".tmp")]
+    assert leftovers == [] or all(n.split(".parquet")[0] + ".parquet" not in done_before for n in leftovers)
+
+
+def test_cli_pack_bad_input_exits_2(tmp_path):
+    result = runner.invoke(app, ["data", "pack", str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "does not exist" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, ["train", "--set", "data.source=shards"])
+    assert result.exit_code == 2 and "data.path" in result.output
+
+
+# --------------------------------------------------------------------------- bad files in folders
+
+
+@pytest.fixture
+def folder_with_a_bad_file(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setattr(defaults, "CACHE_DIR", tmp_path / "cache")
+    write_ids(tmp_path / "imgs", 60, classes=("0", "1"))
+    truncated_jpeg(tmp_path / "imgs" / "1" / "cut.jpg")
+    return tmp_path / "imgs"
+
+
+def test_a_truncated_file_fails_naming_it_or_is_skipped_and_counted(folder_with_a_bad_file):
+    spec = DataSpec(source="imagefolder", path=str(folder_with_a_bad_file), image_size=8, channels=1)
+    with pytest.raises(BadImagesError, match="cut.jpg") as info:
+        load_splits(spec)
+    assert "on_bad_file" in str(info.value)
+    splits = load_splits(spec.model_copy(update={"on_bad_file": "skip"}))
+    assert splits.skipped == (str(folder_with_a_bad_file / "1" / "cut.jpg"),)
+    assert len(splits.train) + len(splits.val) == 60
+
+
+def test_cli_evaluate_of_a_folder_with_a_bad_file_exits_2_naming_it(folder_with_a_bad_file):
+    from tests.helpers import make_checkpoint
+
+    ckpt, _ = make_checkpoint(folder_with_a_bad_file.parent / "ckpt", classes=["0", "1"], size=8, channels=1)
+    result = runner.invoke(app, ["evaluate", str(ckpt), "--data", str(folder_with_a_bad_file)])
+    assert result.exit_code == 2, result.output
+    assert "cut.jpg" in result.output and "Traceback" not in result.output
+
+
+def test_an_unknown_class_folder_is_reported_before_any_image_is_decoded(folder_with_a_bad_file):
+    from tests.helpers import make_checkpoint
+
+    (folder_with_a_bad_file / "zebra").mkdir()
+    truncated_jpeg(folder_with_a_bad_file / "zebra" / "z.jpg")
+    ckpt, _ = make_checkpoint(folder_with_a_bad_file.parent / "ckpt", classes=["0", "1"], size=8, channels=1)
+    result = runner.invoke(app, ["evaluate", str(ckpt), "--data", str(folder_with_a_bad_file)])
+    assert result.exit_code == 2 and "zebra" in result.output
+    assert "cut.jpg" not in result.output  # the structure was checked first: nothing was decoded
+
+
+# --------------------------------------------------------------------------- streaming shards through Ray
+
+
+def _stream_probe(config):
+    import ray.train
+
+    from visionray.data.streaming import iter_stream
+
+    preset = config["preset"]
+    std, mean = preset.std[0], preset.mean[0]
+    for epoch in range(2):
+        seen = []
+        for x, _ in iter_stream(ray.train.get_dataset_shard("train"), 16, preset, (), shuffle_seed=epoch):
+            u = ((x * std + mean) * 255).round().long()  # back to the stored bytes (no resize at size 8)
+            seen += (u[:, 0, 0, 0] * 256 + u[:, 0, 0, 1]).tolist()
+        ray.train.report({"rank": ray.train.get_context().get_world_rank(), "epoch": epoch, "ids": seen})
+
+
+def test_two_workers_stream_disjoint_parts_of_a_pack_that_cover_it_every_epoch(ray_cluster, tmp_path):
+    from ray.train import RunConfig, ScalingConfig, UserCallback
+    from ray.train.torch import TorchTrainer
+    from ray.util.queue import Queue
+
+    from visionray.data.streaming import streaming_datasets
+
+    write_ids(tmp_path / "src", 400)
+    m = pack(str(tmp_path / "src"), str(tmp_path / "pack"), shard_mib=0.004, val_fraction=0.1).manifest
+    assert len(m.train.shards) >= 4
+    spec = DataSpec(source="shards", path=str(tmp_path / "pack" / MANIFEST_FILE), image_size=8, channels=1)
+    from visionray.specs import TrainSpec
+
+    preset = TrainSpec(data=spec).eval_preset(1)
+    datasets, info = streaming_datasets(spec, preset, 2, 16)
+    assert info.classes == m.classes
+    queue = Queue()
+
+    class Forward(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            queue.put(metrics)
+
+    TorchTrainer(_stream_probe, train_loop_config={"preset": preset}, scaling_config=ScalingConfig(num_workers=2),
+                 datasets=datasets, run_config=RunConfig(name="probe", storage_path=str(tmp_path / "runs"),
+                                                         callbacks=[Forward()])).fit()
+    train_ids = sorted(image_ids(load_splits(spec.model_copy(update={"streaming": False})).train.images))
+    for epoch in range(2):
+        metrics = queue.get(timeout=30)
+        assert sorted(r["rank"] for r in metrics) == [0, 1] and {r["epoch"] for r in metrics} == {epoch}
+        a, b = (r["ids"] for r in metrics)
+        assert a and b and not set(a) & set(b)
+        assert sorted(a + b) == train_ids  # every training image once per epoch, no val image
+
+
+def render_digits(root: Path) -> None:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    for i, (img, y) in enumerate(zip(d.images, d.target)):
+        (root / str(y)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.round(img * (255 / 16)).astype(np.uint8), "L").save(root / str(y) / f"{i:04d}.png")
+
+
+def test_training_on_a_pack_matches_training_in_memory_on_the_same_split(ray_cluster, tmp_path):
+    """The same folder, split the same way: streamed from shards, and decoded into memory."""
+    from visionray.specs import load_spec
+    from visionray.train.driver import fit_with_progress
+
+    render_digits(tmp_path / "digits")
+    pack(str(tmp_path / "digits"), str(tmp_path / "pack"), shard_mib=0.02, val_fraction=0.3, seed=5)
+    common = [f"output.storage={tmp_path / 'runs'}", "data.channels=1", "data.val_fraction=0.3", "data.split_seed=5",
+              "optim.epochs=10"]
+    results = {}
+    for name, source in (("shards", ["data.source=shards", f"data.path={tmp_path / 'pack' / MANIFEST_FILE}"]),
+                         ("memory", ["data.source=imagefolder", f"data.path={tmp_path / 'digits'}"])):
+        spec = load_spec(REPO / "jobs" / "quickstart.yaml", [*common, *source, f"output.name={name}"])
+        reports: list[dict] = []
+        fit_with_progress(spec, reports.append)
+        results[name] = [r["metrics"] for r in reports if "metrics" in r][-1]
+    assert results["shards"]["epoch"] == results["memory"]["epoch"] == 10
+    assert results["memory"]["val_acc"] > 0.9
+    assert abs(results["shards"]["val_acc"] - results["memory"]["val_acc"]) <= 0.01, results
