@@ -54,42 +54,6 @@ def test_split_is_deterministic_and_disjoint():
     assert not np.array_equal(va, split_indices(1000, 0.2, seed=4)[1])
 
 
-def _shard_probe(config):
-    """A real Ray Train worker reporting the training indices the platform gives it."""
-    import ray.train
-
-    from visionray.data.sources import load_splits
-    from visionray.data.splits import shard_indices
-    from visionray.specs import DataSpec
-
-    ctx = ray.train.get_context()
-    n = len(load_splits(DataSpec()).train)
-    idx = shard_indices(n, ctx.get_world_rank(), ctx.get_world_size(), seed=0, epoch=0)
-    ray.train.report({"rank": ctx.get_world_rank(), "n": n, "indices": idx.tolist()})
-
-
-def test_two_ray_train_workers_see_disjoint_shards_that_cover_the_set(ray_cluster, tmp_path):
-    from ray.train import RunConfig, ScalingConfig, UserCallback
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
-
-    queue = Queue()
-
-    class Forward(UserCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            queue.put(metrics)
-
-    TorchTrainer(
-        _shard_probe, scaling_config=ScalingConfig(num_workers=2),
-        run_config=RunConfig(name="shards", storage_path=str(tmp_path), callbacks=[Forward()]),
-    ).fit()
-    metrics = queue.get(timeout=10)
-    assert sorted(m["rank"] for m in metrics) == [0, 1]
-    a, b = (set(m["indices"]) for m in metrics)
-    assert a and b and not a & b
-    assert a | b == set(range(metrics[0]["n"]))
-
-
 def test_digits_default_source():
     splits = load_splits(DataSpec(image_size=16))
     assert splits.train.images.dtype == torch.uint8 and splits.train.images.shape[1:] == (1, 16, 16)

@@ -20,7 +20,7 @@ def register(app: typer.Typer) -> None:
 @data_app.command("pack")
 def pack_(
     src: str = typer.Argument(..., help="an image folder (root/<class>/<image>), a .tar/.tar.gz of one, or a "
-                                        "torchvision source name (cifar10, mnist, ...)"),
+                                        "source name: digits, cifar10, cifar100, mnist, fashion_mnist (their arrays, stored as PNG)"),
     dest: str = typer.Argument(..., help="the pack directory: a local path, s3://bucket/prefix or gs://bucket/prefix"),
     shard_mib: float = typer.Option(128.0, "--shard-mib", min=0.001, help="target size of a shard (MiB of encoded images)"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=0.9, help="share held out for validation"),

@@ -23,6 +23,7 @@ FORMAT = "visionray-shards/1"
 MANIFEST_FILE = "manifest.json"
 SHARD_NAME = r"(train|val)-[0-9]{5}\.parquet"
 SPLITS = ("train", "val")
+GREY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F"}  # Pillow modes that decode to one channel
 
 
 class ShardError(DataError):
@@ -75,8 +76,10 @@ class ShardManifest(Strict):
     images: ImageStats
     bad_files: list[BadFile] = Field(default_factory=list, description="images Pillow could not decode: not packed")
 
-    def split(self, name: str) -> SplitEntry:
-        return self.train if name == "train" else self.val
+    @property
+    def channels(self) -> int:
+        """1 when every packed image is greyscale, else 3: the default ``data.channels`` of a pack."""
+        return 1 if self.images.modes and set(self.images.modes) <= GREY_MODES else 3
 
 
 def parse_manifest(text: str | bytes, label: str) -> ShardManifest:

@@ -4,7 +4,7 @@ turned into Parquet shards plus ``manifest.json`` (``visionray.data.manifest``).
 Why Parquet rather than WebDataset tars: Ray Data, pyarrow and every query engine read it
 natively, each file's footer carries its row count, and columns can be read alone (labels without
 image bytes). Images are stored as the source's encoded bytes (no re-encoding, no quality loss);
-torchvision arrays are stored as PNG.
+the arrays of ``digits`` and the torchvision sources are stored as PNG.
 
 The plan is fixed before a byte is written: the seeded train/val split (the in-memory path's own
 ``split_indices``, so a pack and an in-memory run of the same folder hold out the same images), a
@@ -34,13 +34,14 @@ from visionray.data.folders import list_folder, resolve_folder
 from visionray.data.images import describe_error, open_checked
 from visionray.data.manifest import (FORMAT, MANIFEST_FILE, SPLITS, BadFile, ImageStats, ShardEntry, ShardError,
                                      ShardManifest, SplitEntry, parse_manifest)
-from visionray.data.sources import TORCHVISION_SOURCES, torchvision_arrays
+from visionray.data.sources import TORCHVISION_SOURCES, source_arrays
 from visionray.data.splits import split_indices
 from visionray.spec_io import Strict
 
 DEFAULT_SHARD_MIB = 128  # MiB of encoded images per shard
 ROW_GROUP = 256  # images per Parquet row group (the unit a reader decodes at a time)
 JOURNAL_DIR = ".pack"
+PACKABLE_SOURCES = ("digits", *TORCHVISION_SOURCES)  # in-memory sources packed as PNGs, in their own order
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,10 @@ class PackResult:
 
 
 def source_items(src: str, root: str | None = None) -> tuple[list[Item], list[str]]:
-    """The images of ``src`` (a folder or archive of class folders, or a torchvision source name)."""
-    if src in TORCHVISION_SOURCES:
-        from visionray.specs import DataSpec
-
-        images, labels, classes = torchvision_arrays(DataSpec(source=src, root=root), train=True)
+    """The images of ``src``: a folder or archive of class folders, or a source name in
+    ``PACKABLE_SOURCES`` (its arrays in their own order, stored as PNG)."""
+    if src in PACKABLE_SOURCES:
+        images, labels, classes = source_arrays(src, root)
         arrays = images.numpy()
 
         def png(i: int) -> Callable[[], bytes]:

@@ -79,14 +79,19 @@ def resize_all(images: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([resize_to(size)(chunk) for chunk in images.split(4096)])
 
 
-@register_source("digits")
-def _digits(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
-    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, values 0..16): offline."""
+def digits_arrays() -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """scikit-learn's bundled 8x8 handwritten digits as uint8 (1,797, 1, 8, 8), labels, class names."""
     from sklearn.datasets import load_digits
 
     d = load_digits()
     images = torch.from_numpy(np.round(d.images * (255.0 / 16.0)).astype(np.uint8)).unsqueeze(1)
-    return _finish(images, d.target, [str(c) for c in d.target_names], spec, preset)
+    return images, d.target, [str(c) for c in d.target_names]
+
+
+@register_source("digits")
+def _digits(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, values 0..16): offline."""
+    return _finish(*digits_arrays(), spec, preset)
 
 
 @register_source("synthetic")
@@ -123,6 +128,20 @@ def torchvision_arrays(spec: DataSpec, train: bool) -> tuple[torch.Tensor, np.nd
     return images, np.asarray(ds.targets), list(ds.classes)
 
 
+def source_arrays(name: str, root: str | None = None) -> tuple[torch.Tensor, np.ndarray, list[str]]:
+    """The unsplit arrays of an in-memory source (``digits`` or a torchvision one), in its own
+    order: what ``visionray data pack`` stores, so a pack splits exactly as the source does."""
+    if name == "digits":
+        return digits_arrays()
+    if name not in TORCHVISION_SOURCES:
+        raise DataError(f"{name!r} is not a source with arrays to pack; use digits, {', '.join(TORCHVISION_SOURCES)}, "
+                        "or an image folder")
+    from visionray.specs import DataSpec
+
+    images, labels, classes = torchvision_arrays(DataSpec(source=name, root=root), train=True)
+    return images, labels, classes
+
+
 def _torchvision_source(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
     images, labels, classes = torchvision_arrays(spec, train=True)
     return _finish(images, labels, classes, spec, preset)
@@ -151,9 +170,9 @@ def _shards(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
     from visionray.data.images import BadImagesError, decode_batch
     from visionray.data.manifest import pack_location, read_manifest, read_shard
 
-    channels = (preset.channels if preset else spec.channels) or 3
-    size = preset.image_size if preset else spec.image_size
     manifest = read_manifest(spec.path)
+    channels = (preset.channels if preset else spec.channels) or manifest.channels
+    size = preset.image_size if preset else spec.image_size
     fs, base = pack_location(spec.path)
     splits, skipped = [], []
     for entry in (manifest.train, manifest.val):

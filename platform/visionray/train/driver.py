@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 from ray.train import UserCallback
 
+from visionray.data.manifest import read_manifest
 from visionray.data.streaming import streaming_datasets
 from visionray.runs import local_log_dir, storage_path
 from visionray.specs import TrainSpec, with_absolute_paths
@@ -23,7 +24,8 @@ def build_trainer(spec: TrainSpec, callbacks: list | None = None):
     config: dict[str, Any] = {"spec": spec}
     datasets = None
     if spec.data.streaming:
-        preset = spec.eval_preset(spec.data.channels or 3)
+        preset = spec.eval_preset(spec.data.channels or (read_manifest(spec.data.path).channels
+                                                         if spec.data.source == "shards" else 3))
         datasets, config["stream"] = streaming_datasets(spec.data, preset, spec.scaling.workers, spec.optim.batch_size)
     s = spec.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
