@@ -74,6 +74,9 @@ class DataSpec(Strict):
                             "memory (default for shards; false decodes a pack into memory)")
     decode_cpus: int = Field(2, ge=1, le=4096, description="streaming: concurrent Ray Data decode tasks (1 CPU each) "
                              "reading, decoding and resizing images for the training workers")
+    decode_on: dict[str, str] = Field(
+        default_factory=dict, description="streaming: node labels the decode tasks must run on (a Ray label "
+        "selector), e.g. {visionray.io/node-role: cpu} for cluster.yaml's CPU nodes while GPU nodes train")
     on_bad_file: Literal["fail", "skip"] = Field(
         "fail", description="an image that does not decode: fail (stop, naming the first files) or skip (leave it "
         "out; the count is reported and recorded in the checkpoint)")

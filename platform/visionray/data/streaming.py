@@ -83,7 +83,8 @@ def streaming_datasets(spec: DataSpec, preset: EvalPreset, workers: int, batch_s
     import ray.data
 
     decoder = Decoder(preset, spec.on_bad_file)
-    step = {"num_cpus": 1, "concurrency": spec.decode_cpus}
+    step = {"num_cpus": 1, "compute": ray.data.TaskPoolStrategy(size=spec.decode_cpus),
+            **({"label_selector": spec.decode_on} if spec.decode_on else {})}
     if spec.source == "shards":
         manifest = read_manifest(spec.path)
         fs, base = pack_location(spec.path)
