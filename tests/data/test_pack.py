@@ -285,3 +285,25 @@ def test_training_on_a_pack_matches_training_in_memory_on_the_same_split(quickst
     memory = [r["metrics"] for r in memory_reports if "metrics" in r]
     assert [m["epoch"] for m in streamed] == list(range(1, spec.optim.epochs + 1))
     assert abs(streamed[-1]["val_acc"] - memory[-1]["val_acc"]) <= 0.01, (streamed[-1], memory[-1])
+
+
+def test_a_bad_image_error_from_a_ray_worker_still_names_the_file_and_exits_2():
+    """Ray returns a worker's exception by pickling it; the CLI finds the DataError inside Ray
+    Train's WorkerGroupError and exits 2 with its message."""
+    import pickle
+
+    from ray.train import WorkerGroupError
+
+    from visionray.cli.train import data_error_in
+    from visionray.data.images import BadImage
+
+    err = BadImagesError([BadImage("a/cut.jpg", "OSError: Truncated File Read")], 10)
+    back = pickle.loads(pickle.dumps(err))  # what Ray's transport does (our own exception, our own bytes)
+    assert isinstance(back, BadImagesError) and str(back) == str(err) and "a/cut.jpg" in str(back)
+    wrapped = WorkerGroupError("worker 0 failed", {0: back})
+    assert data_error_in(wrapped) is back
+    try:
+        raise RuntimeError("streaming failed") from ShardError("shard train-00003.parquet: refused")
+    except RuntimeError as chained:
+        assert "train-00003.parquet" in str(data_error_in(chained))
+    assert data_error_in(WorkerGroupError("worker 0 failed", {0: ValueError("not data")})) is None

@@ -23,6 +23,8 @@ def pack_(
                                         "source name: digits, cifar10, cifar100, mnist, fashion_mnist (their arrays, stored as PNG)"),
     dest: str = typer.Argument(..., help="the pack directory: a local path, s3://bucket/prefix or gs://bucket/prefix"),
     shard_mib: float = typer.Option(128.0, "--shard-mib", min=0.001, help="target size of a shard (MiB of encoded images)"),
+    shard_rows: int = typer.Option(8192, "--shard-rows", min=1, help="images per shard at most (small images: "
+                                   "more shards, read in parallel)"),
     val_fraction: float = typer.Option(0.1, "--val-fraction", min=0.0, max=0.9, help="share held out for validation"),
     split_seed: int = typer.Option(0, "--split-seed", min=0, help="seed of the train/val split and the shard order"),
     root: Optional[str] = typer.Option(None, "--root", help="torchvision sources: the directory holding the files"),
@@ -38,7 +40,7 @@ def pack_(
     with user_errors(), Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                                  TimeRemainingColumn(), console=console, transient=True, disable=as_json) as bar:
         task = bar.add_task("packing", total=None)
-        result = pack(src, dest, shard_mib=shard_mib, val_fraction=val_fraction, seed=split_seed, root=root,
+        result = pack(src, dest, shard_mib=shard_mib, shard_rows=shard_rows, val_fraction=val_fraction, seed=split_seed, root=root,
                       progress=lambda done, total: bar.update(task, completed=done, total=total))
     m = result.manifest
     summary = {

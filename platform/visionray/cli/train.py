@@ -120,6 +120,9 @@ def train(
             result = fit_with_progress(spec, on_report)
         except Exception as exc:
             live.stop()
+            cause = data_error_in(exc)
+            if cause is not None:  # bad data (a bad image, a shard that fails its checksum): the user's input
+                fail(str(cause))
             fail([f"{type(exc).__name__}: {exc}"], "training failed", code=1)
     best = best_checkpoint(run_dir(spec)) if "://" not in spec.output.storage else result.checkpoint.path
     console.print()
@@ -192,3 +195,23 @@ def register(app: typer.Typer) -> None:
     """Add this module's commands to the ``visionray`` app."""
     for command in (validate, train, evaluate):
         app.command()(command)
+
+
+def data_error_in(exc: BaseException) -> Exception | None:
+    """The ``DataError`` behind a failed run, if one is: raised on the driver, or in a worker (Ray
+    Train's ``worker_failures``) or a Ray Data task (the exception's causes)."""
+    from visionray.data.splits import DataError
+
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DataError):
+            return e
+        todo += [c for c in (e.__cause__, e.__context__, getattr(e, "cause", None)) if isinstance(c, BaseException)]
+        todo += [c for c in (getattr(e, "worker_failures", None) or {}).values() if isinstance(c, BaseException)]
+    return None
+

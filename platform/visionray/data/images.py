@@ -36,11 +36,14 @@ class BadImagesError(DataError):
     """Images that do not decode, with ``data.on_bad_file: fail``: the first few are named."""
 
     def __init__(self, bad: Sequence[BadImage], total: int):
-        self.bad = list(bad)
+        self.bad, self.total = list(bad), total
         shown = "; ".join(f"{b.name}: {b.error}" for b in self.bad[:BAD_FILES_SHOWN])
         more = f" (and {len(self.bad) - BAD_FILES_SHOWN} more)" if len(self.bad) > BAD_FILES_SHOWN else ""
         super().__init__(f"{len(self.bad)} of {total} images cannot be decoded: {shown}{more}; fix or remove "
                          "them, or set data.on_bad_file: skip to train without them (they are counted)")
+
+    def __reduce__(self):  # rebuilt from its fields when Ray returns it from a worker
+        return (type(self), (self.bad, self.total))
 
 
 def open_checked(src: bytes | Path):

@@ -70,6 +70,7 @@ class ShardManifest(Strict):
     split_seed: int = Field(ge=0, description="seed of the train/val split made at pack time")
     val_fraction: float = Field(gt=0.0, lt=0.9)
     shard_bytes: int = Field(gt=0, description="target size of a shard file")
+    shard_rows: int = Field(gt=0, description="most images in a shard")
     plan: str = Field(pattern=r"[0-9a-f]{64}", description="digest of the inputs and arguments; a resumed pack must match")
     train: SplitEntry
     val: SplitEntry

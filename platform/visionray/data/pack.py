@@ -39,6 +39,7 @@ from visionray.data.splits import split_indices
 from visionray.spec_io import Strict
 
 DEFAULT_SHARD_MIB = 128  # MiB of encoded images per shard
+DEFAULT_SHARD_ROWS = 8192  # images per shard at most: small images still give a stream several shards to read at once
 ROW_GROUP = 256  # images per Parquet row group (the unit a reader decodes at a time)
 JOURNAL_DIR = ".pack"
 PACKABLE_SOURCES = ("digits", *TORCHVISION_SOURCES)  # in-memory sources packed as PNGs, in their own order
@@ -106,11 +107,11 @@ def source_items(src: str, root: str | None = None) -> tuple[list[Item], list[st
     return [Item(str(f.relative_to(folder)), int(y), f.stat().st_size, f.read_bytes) for f, y in zip(files, labels)], classes
 
 
-def plan_shards(items: list[Item], classes: list[str], src: str, val_fraction: float, seed: int, shard_bytes: int
-                ) -> tuple[str, list[Planned]]:
+def plan_shards(items: list[Item], classes: list[str], val_fraction: float, seed: int, shard_bytes: int,
+                shard_rows: int) -> tuple[str, list[Planned]]:
     """(digest of the plan, the shards): same inputs and arguments, same plan."""
     train_idx, val_idx = split_indices(len(items), val_fraction, seed)
-    digest = hashlib.sha256(json.dumps([FORMAT, classes, val_fraction, seed, shard_bytes]).encode())
+    digest = hashlib.sha256(json.dumps([FORMAT, classes, val_fraction, seed, shard_bytes, shard_rows]).encode())
     planned: list[Planned] = []
     for split, idx in (("train", train_idx), ("val", val_idx)):
         order = idx[np.random.default_rng([seed, SPLITS.index(split)]).permutation(len(idx))]
@@ -119,7 +120,7 @@ def plan_shards(items: list[Item], classes: list[str], src: str, val_fraction: f
         for i in order:
             item = items[i]
             digest.update(f"{split}|{item.name}|{item.label}|{item.size}\n".encode())
-            if current and size + item.size > shard_bytes:
+            if current and (size + item.size > shard_bytes or len(current) == shard_rows):
                 planned.append(Planned(split, sum(p.split == split for p in planned), current))
                 current, size = [], 0
             current.append(item)
@@ -212,8 +213,8 @@ def _kept(fs: Any, base: str, shard: Planned, plan: str) -> ShardRecord | None:
     return record
 
 
-def _manifest(src: str, classes: list[str], seed: int, val_fraction: float, shard_bytes: int, plan: str,
-              records: list[ShardRecord]) -> ShardManifest:
+def _manifest(src: str, classes: list[str], seed: int, val_fraction: float, shard_bytes: int, shard_rows: int,
+              plan: str, records: list[ShardRecord]) -> ShardManifest:
     splits = {}
     for split in SPLITS:
         rs = [r for r in records if r.entry.name.startswith(split)]
@@ -232,21 +233,21 @@ def _manifest(src: str, classes: list[str], seed: int, val_fraction: float, shar
         mean_height=round(sum(r.heights[2] for r in records) / max(n, 1), 2), modes=dict(sorted(modes.items())),
     )
     return ShardManifest(source=src, classes=classes, split_seed=seed, val_fraction=val_fraction, shard_bytes=shard_bytes,
-                         plan=plan, train=splits["train"], val=splits["val"], images=stats,
+                         shard_rows=shard_rows, plan=plan, train=splits["train"], val=splits["val"], images=stats,
                          bad_files=[b for r in records for b in r.bad])
 
 
-def pack(src: str, dest: str, *, shard_mib: float = DEFAULT_SHARD_MIB, val_fraction: float = 0.1, seed: int = 0,
-         root: str | None = None, workers: int | None = None,
+def pack(src: str, dest: str, *, shard_mib: float = DEFAULT_SHARD_MIB, shard_rows: int = DEFAULT_SHARD_ROWS,
+         val_fraction: float = 0.1, seed: int = 0, root: str | None = None, workers: int | None = None,
          progress: Callable[[int, int], None] | None = None) -> PackResult:
     """Pack ``src`` into ``dest`` (a local path or URI); ``progress(images done, images in all)``."""
     if not 0 < val_fraction < 0.9:
         raise ShardError(f"val_fraction {val_fraction} must be in (0, 0.9)")
-    if shard_mib <= 0:
-        raise ShardError(f"shard size {shard_mib} MiB must be positive")
+    if shard_mib <= 0 or shard_rows < 1:
+        raise ShardError(f"shard size {shard_mib} MiB and {shard_rows} rows must be positive")
     items, classes = source_items(src, root)
     shard_bytes = int(shard_mib * (1 << 20))
-    plan, shards = plan_shards(items, classes, src, val_fraction, seed, shard_bytes)
+    plan, shards = plan_shards(items, classes, val_fraction, seed, shard_bytes, shard_rows)
     fs, base = storage.resolve(dest)
     base = base.rstrip("/")
     old_text = _read(fs, f"{base}/{MANIFEST_FILE}")
@@ -274,7 +275,7 @@ def pack(src: str, dest: str, *, shard_mib: float = DEFAULT_SHARD_MIB, val_fract
             else:
                 advance(len(shard.items))
             records[shard.name] = record
-    manifest = _manifest(src, classes, seed, val_fraction, shard_bytes, plan, [records[s.name] for s in shards])
+    manifest = _manifest(src, classes, seed, val_fraction, shard_bytes, shard_rows, plan, [records[s.name] for s in shards])
     text = manifest.model_dump_json(indent=2)
     changed = old_text is None or old_text.decode() != text
     if changed:
