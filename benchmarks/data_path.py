@@ -94,10 +94,12 @@ def scale_rows(counts=(100, 1000, 10000)) -> list[dict]:
 
     from PIL import Image
 
+    from visionray.cluster.local import init_ray
     from visionray.data.pack import pack
     from visionray.data.streaming import iter_stream, streaming_datasets
     from visionray.specs import DataSpec, TrainSpec
 
+    init_ray()
     rows = []
     for n in counts:
         with tempfile.TemporaryDirectory() as tmp:
@@ -156,6 +158,8 @@ def measure(recipe: str, limit: int, gpu: bool, steps: int) -> list[dict]:
         rows.append({"recipe": recipe, "pipeline": "decode_limit", "images_per_s": decode_limit(spec, worker.preset, 1000),
                      "cpus": 1})
         packed = spec.data.model_copy(update={"source": "shards", "path": cached_pack(spec), "streaming": True})
+        warm, _ = streaming_datasets(packed, worker.preset, 1, spec.optim.batch_size)  # Ray's decode workers started
+        next(iter(iter_stream(warm["train"].limit(spec.optim.batch_size), spec.optim.batch_size, worker.preset)))
         for name, data in (("folder_streaming", spec.data.model_copy(update={"streaming": True})), ("shards_streaming", packed)):
             datasets, _ = streaming_datasets(data, worker.preset, 1, spec.optim.batch_size)
             stream = iter_stream(datasets["train"].limit(budget * 4), spec.optim.batch_size, worker.preset, spec.augment,
@@ -196,7 +200,7 @@ def main() -> None:
     for r in rows:
         table.add_row(r["recipe"], r["pipeline"], num(r["images_per_s"], ".0f"), num(r.get("first_batch_s"), ".2f"),
                       num(r["step_images_per_s"], ".0f"), num(r["ratio"], ".2f"), num(r.get("per_cpu_vs_decode_limit"), ".2f"))
-    Console().print(table)
+    Console(width=200).print(table)
     if args.scale:
         scale = scale_rows()
         t = Table(title="time to first batch and driver memory by shard count")
@@ -204,7 +208,7 @@ def main() -> None:
             t.add_column(col, justify="right")
         for r in scale:
             t.add_row(str(r["shards"]), f"{r['driver_plan_s']:.2f}", f"{r['first_batch_s']:.2f}", f"{r['driver_peak_mib']:.1f}")
-        Console().print(t)
+        Console(width=200).print(t)
         rows += scale
     device = torch.cuda.get_device_name(0) if args.gpu else f"CPU x{os.cpu_count()}"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

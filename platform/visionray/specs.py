@@ -72,8 +72,11 @@ class DataSpec(Strict):
                                "(quick runs; the held-out split is unchanged)")
     streaming: bool = Field(False, description="imagefolder, shards: stream through Ray Data instead of loading to "
                             "memory (default for shards; false decodes a pack into memory)")
-    decode_cpus: int = Field(2, ge=1, le=4096, description="streaming: concurrent Ray Data decode tasks (1 CPU each) "
-                             "reading, decoding and resizing images for the training workers")
+    decode_cpus: int = Field(2, ge=1, le=4096, description="streaming: concurrent Ray Data decode tasks reading, "
+                             "decoding and resizing images for the training workers")
+    decode_task_cpus: float = Field(0.0, ge=0.0, le=64.0, description="streaming: CPUs each decode task reserves. 0 "
+                                    "(default): decoding shares the CPUs the training workers reserved, as it must "
+                                    "on one machine whose CPUs all train; on a cluster give 1 (with decode_on)")
     decode_on: dict[str, str] = Field(
         default_factory=dict, description="streaming: node labels the decode tasks must run on (a Ray label "
         "selector), e.g. {visionray.io/node-role: cpu} for cluster.yaml's CPU nodes while GPU nodes train")

@@ -307,3 +307,36 @@ def test_a_bad_image_error_from_a_ray_worker_still_names_the_file_and_exits_2():
     except RuntimeError as chained:
         assert "train-00003.parquet" in str(data_error_in(chained))
     assert data_error_in(WorkerGroupError("worker 0 failed", {0: ValueError("not data")})) is None
+
+
+def test_skipped_images_are_counted_in_the_metrics_and_named_in_the_checkpoint(folder_with_a_bad_file, tmp_path):
+    from visionray.checkpoint import read_metadata
+    from visionray.specs import load_spec
+    from visionray.train.worker import Worker
+
+    spec = load_spec(REPO / "jobs" / "quickstart.yaml", [
+        "data.source=imagefolder", f"data.path={folder_with_a_bad_file}", "data.channels=1", "data.image_size=8",
+        "data.on_bad_file=skip", "scaling.workers=1", "optim.epochs=1"])
+    worker = Worker(spec, 0, 1, torch.device("cpu"))
+    metrics = worker.run_epoch(0)
+    assert metrics["skipped_images"] == 1
+    worker.save(tmp_path / "ckpt", metrics, 1)
+    meta = read_metadata(tmp_path / "ckpt")
+    assert meta.skipped_images == [str(folder_with_a_bad_file / "1" / "cut.jpg")]
+
+
+def test_a_pack_in_an_object_store_is_written_and_read_through_the_storage_layer():
+    """fsspec's in-memory filesystem stands in for S3/GCS: writes are single PUTs, no rename."""
+    import uuid
+
+    import fsspec
+
+    dest = f"memory://packs/{uuid.uuid4().hex}"
+    m = pack("digits", dest, shard_mib=0.01, val_fraction=0.15).manifest
+    assert read_manifest(f"{dest}/{MANIFEST_FILE}") == m and len(m.train.shards) > 1
+    fs = fsspec.filesystem("memory")
+    assert not [p for p in fs.find(dest.removeprefix("memory://")) if p.endswith(".tmp")]
+    packed = load_splits(DataSpec(source="shards", path=f"{dest}/{MANIFEST_FILE}", image_size=16, streaming=False))
+    assert len(packed.train) == m.train.count and packed.classes == [str(i) for i in range(10)]
+    again = pack("digits", dest, shard_mib=0.01, val_fraction=0.15)
+    assert again.written == [] and not again.manifest_changed

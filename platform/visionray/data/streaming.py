@@ -2,7 +2,7 @@
 
 Both streams decode in ``map_batches`` (numpy batches of uint8 (N, C, size, size), already resized
 and preprocessed with the eval preset's deterministic ops), in at most ``data.decode_cpus``
-concurrent tasks of one CPU each; every training worker iterates its own part of the stream
+concurrent tasks reserving ``data.decode_task_cpus`` each; every training worker iterates its own part of the stream
 (``ray.train.get_dataset_shard``), shuffled through a local buffer, and augments whole batches
 (``flip_crop`` on the batch; ops without a batched form image by image).
 
@@ -83,7 +83,7 @@ def streaming_datasets(spec: DataSpec, preset: EvalPreset, workers: int, batch_s
     import ray.data
 
     decoder = Decoder(preset, spec.on_bad_file)
-    step = {"num_cpus": 1, "compute": ray.data.TaskPoolStrategy(size=spec.decode_cpus),
+    step = {"num_cpus": spec.decode_task_cpus, "compute": ray.data.TaskPoolStrategy(size=spec.decode_cpus),
             **({"label_selector": spec.decode_on} if spec.decode_on else {})}
     if spec.source == "shards":
         manifest = read_manifest(spec.path)
