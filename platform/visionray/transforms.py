@@ -126,18 +126,21 @@ def batch_augment(augment: Sequence[AugmentOp], generator: torch.Generator, num_
 
 def augment_batches(preset: EvalPreset, augment: Sequence[AugmentOp], generator: torch.Generator
                     ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Streamed training batches (uint8, resized and preprocessed already) to normalised, augmented
-    floats: ``flip_crop`` and ``none`` on the whole batch; a policy with any other op runs image
-    by image (those ops have no batched form)."""
-    if all(op.op in BATCHED_OPS for op in augment):
-        steps = [BatchFlipCrop(op.padding, op.flip, generator) for op in augment if op.op == "flip_crop"]
+    """Streamed batches (uint8, resized and preprocessed already) to normalised floats, with a
+    policy of batched ops (``none``, ``flip_crop``) applied to the whole batch."""
+    assert all(op.op in BATCHED_OPS for op in augment), "ops without a batched form run in augment_each"
+    steps = [BatchFlipCrop(op.padding, op.flip, generator) for op in augment if op.op == "flip_crop"]
 
-        def batched(x: torch.Tensor) -> torch.Tensor:
-            x = normalize_batch(preset, x)
-            for step in steps:
-                x = step(x)
-            return x
-        return batched
-    per_image = v2.Compose([*_compose(augment, preset.image_size), *_finish(preset)])
-    return lambda x: torch.stack([per_image(im) for im in x])
+    def batched(x: torch.Tensor) -> torch.Tensor:
+        x = normalize_batch(preset, x)
+        for step in steps:
+            x = step(x)
+        return x
+    return batched
+
+
+def augment_each(preset: EvalPreset, augment: Sequence[AugmentOp], images: torch.Tensor) -> torch.Tensor:
+    """A policy applied image by image to uint8 (N, C, H, W), staying uint8 (streaming's decode tasks)."""
+    tf = v2.Compose(_compose(augment, preset.image_size))
+    return torch.stack([tf(im) for im in images])
 

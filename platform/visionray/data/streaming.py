@@ -3,8 +3,9 @@
 Both streams decode in ``map_batches`` (numpy batches of uint8 (N, C, size, size), already resized
 and preprocessed with the eval preset's deterministic ops), in at most ``data.decode_cpus``
 concurrent tasks reserving ``data.decode_task_cpus`` each; every training worker iterates its own part of the stream
-(``ray.train.get_dataset_shard``), shuffled through a local buffer, and augments whole batches
-(``flip_crop`` on the batch; ops without a batched form image by image).
+(``ray.train.get_dataset_shard``), shuffled through a local buffer. A policy of batched ops
+(``flip_crop``) runs on whole batches in the training worker; a policy with any other op runs
+image by image in the decode tasks, in parallel, so the training loop only normalises.
 
 The driver holds only what it must: the file list for a folder, the manifest for a pack (time to
 the first batch grows with the number of shards, never with the number of images).
@@ -22,7 +23,8 @@ import torch
 from visionray.data.folders import folder_files
 from visionray.data.images import BadImagesError, decode_batch
 from visionray.data.manifest import ShardEntry, pack_location, read_manifest, read_shard
-from visionray.transforms import augment_batches, normalize_batch, preprocess_all
+from visionray.ops import BATCHED_OPS
+from visionray.transforms import augment_batches, augment_each, preprocess_all
 
 if TYPE_CHECKING:
     from visionray.ops import AugmentOp
@@ -45,11 +47,13 @@ class StreamInfo:
 
 
 class Decoder:
-    """Encoded images (file paths or bytes) to preprocessed uint8 batches, in a Ray Data task.
-    Bad images stop the run naming them (``on_bad="fail"``) or are left out (``"skip"``)."""
+    """Encoded images (file paths or bytes) to preprocessed uint8 batches, in a Ray Data task;
+    ``augment``: a training policy with ops that have no batched form, applied here image by
+    image (in the parallel decode tasks, not in the training loop). Bad images stop the run naming
+    them (``on_bad="fail"``) or are left out (``"skip"``)."""
 
-    def __init__(self, preset: EvalPreset, on_bad: str):
-        self.preset, self.on_bad = preset, on_bad
+    def __init__(self, preset: EvalPreset, on_bad: str, augment: Sequence[AugmentOp] = ()):
+        self.preset, self.on_bad, self.augment = preset, on_bad, tuple(augment)
 
     def __call__(self, items: Sequence[Any], names: Sequence[str], labels: np.ndarray) -> dict[str, np.ndarray]:
         images, kept, bad = decode_batch(items, names, self.preset.channels, self.preset.image_size)
@@ -57,7 +61,15 @@ class Decoder:
             raise BadImagesError(bad, len(items))
         if self.preset.preprocess and len(images):
             images = preprocess_all(self.preset, torch.from_numpy(images)).numpy()
+        if self.augment and len(images):
+            images = augment_each(self.preset, self.augment, torch.from_numpy(images)).numpy()
         return {"image": images, "label": np.asarray(labels, dtype=np.int64)[kept]}
+
+
+def decoded_augment(augment: Sequence[AugmentOp]) -> tuple[AugmentOp, ...]:
+    """The part of a training policy the decode tasks apply: all of it when any op lacks a batched
+    form (order kept), else nothing (the training worker runs it on whole batches)."""
+    return () if all(op.op in BATCHED_OPS for op in augment) else tuple(augment)
 
 
 def _folder_decode(decoder: Decoder) -> Callable[[dict], dict]:
@@ -77,20 +89,22 @@ def _shard_decode(decoder: Decoder, fs: Any, base: str) -> Callable[[dict], Iter
     return decode
 
 
-def streaming_datasets(spec: DataSpec, preset: EvalPreset, workers: int, batch_size: int
-                       ) -> tuple[dict, StreamInfo]:
-    """Ray Datasets ``train`` and ``val`` for the spec's folder or pack, and what workers need to know."""
+def streaming_datasets(spec: DataSpec, preset: EvalPreset, workers: int, batch_size: int,
+                       augment: Sequence[AugmentOp] = ()) -> tuple[dict, StreamInfo]:
+    """Ray Datasets ``train`` and ``val`` for the spec's folder or pack, and what workers need to
+    know; ``augment`` is the training policy (see ``decoded_augment``)."""
     import ray.data
 
+    train_decoder = Decoder(preset, spec.on_bad_file, decoded_augment(augment))
     decoder = Decoder(preset, spec.on_bad_file)
     step = {"num_cpus": spec.decode_task_cpus, "compute": ray.data.TaskPoolStrategy(size=spec.decode_cpus),
             **({"label_selector": spec.decode_on} if spec.decode_on else {})}
     if spec.source == "shards":
         manifest = read_manifest(spec.path)
         fs, base = pack_location(spec.path)
-        decode = _shard_decode(decoder, fs, base)
 
         def read(entries: list[ShardEntry], seed: int | None):
+            decode = _shard_decode(train_decoder if seed is not None else decoder, fs, base)
             order = np.random.default_rng(seed).permutation(len(entries)) if seed is not None else range(len(entries))
             rows = [{"entry": entries[i].model_dump_json()} for i in order]
             blocks = max(1, min(len(rows), MAX_READ_BLOCKS))  # a block of shard entries is one decode task's work
@@ -104,14 +118,13 @@ def streaming_datasets(spec: DataSpec, preset: EvalPreset, workers: int, batch_s
     else:
         files = folder_files(spec)
         order = np.random.default_rng(spec.split_seed).permutation(len(files.train))  # no class arrives in one block
-        decode = _folder_decode(decoder)
 
-        def listed(paths: list[Path], labels: np.ndarray):
+        def listed(paths: list[Path], labels: np.ndarray, with_decoder: Decoder):
             rows = [{"path": str(p), "label": int(y)} for p, y in zip(paths, labels)]
-            return ray.data.from_items(rows).map_batches(decode, batch_size=DECODE_BATCH, **step)
+            return ray.data.from_items(rows).map_batches(_folder_decode(with_decoder), batch_size=DECODE_BATCH, **step)
 
-        train = listed([files.train[i] for i in order], files.train_labels[order])
-        val = listed(files.val, files.val_labels)
+        train = listed([files.train[i] for i in order], files.train_labels[order], train_decoder)
+        val = listed(files.val, files.val_labels, decoder)
         classes, n_train, skipped = files.classes, len(files.train), ()
     for ds in (train, val):  # Ray Data's default (128 MiB) would hold a small-image shard's first batch until all of it decoded
         ds.context.target_max_block_size = STREAM_BLOCK_BYTES
@@ -126,6 +139,7 @@ def iter_stream(shard, batch_size: int, preset: EvalPreset, augment: Sequence[Au
     shuffle = {} if shuffle_seed is None else {
         "local_shuffle_buffer_size": max(STREAM_SHUFFLE_BUFFER, 4 * batch_size), "local_shuffle_seed": shuffle_seed,
     }
-    apply = augment_batches(preset, augment, torch.Generator().manual_seed(shuffle_seed or 0))
+    batched = () if decoded_augment(augment) else tuple(augment)  # the rest was applied in the decode tasks
+    apply = augment_batches(preset, batched, torch.Generator().manual_seed(shuffle_seed or 0))
     for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.long}, **shuffle):
-        yield (apply(batch["image"]) if augment else normalize_batch(preset, batch["image"])), batch["label"]
+        yield apply(batch["image"]), batch["label"]

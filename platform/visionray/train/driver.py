@@ -26,7 +26,8 @@ def build_trainer(spec: TrainSpec, callbacks: list | None = None):
     if spec.data.streaming:
         preset = spec.eval_preset(spec.data.channels or (read_manifest(spec.data.path).channels
                                                          if spec.data.source == "shards" else 3))
-        datasets, config["stream"] = streaming_datasets(spec.data, preset, spec.scaling.workers, spec.optim.batch_size)
+        datasets, config["stream"] = streaming_datasets(spec.data, preset, spec.scaling.workers, spec.optim.batch_size,
+                                                        spec.augment)
     s = spec.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.gpu:
