@@ -4,6 +4,9 @@ opens, else anything fsspec opens)."""
 
 from __future__ import annotations
 
+import os
+import uuid
+from pathlib import Path
 from typing import Any
 
 
@@ -34,3 +37,22 @@ def is_local(filesystem: Any) -> bool:
     import pyarrow.fs as pafs
 
     return isinstance(filesystem, pafs.LocalFileSystem)
+
+
+def write_atomic(filesystem: Any, path: str, data: bytes) -> None:
+    """Readers see the old content or the new, never a part: a temporary file renamed into place
+    locally (parents created), one PUT in an object store."""
+    if is_local(filesystem):
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, target)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
+    else:
+        filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        with filesystem.open_output_stream(path) as fh:
+            fh.write(data)

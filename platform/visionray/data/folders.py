@@ -18,7 +18,7 @@ import torch
 
 from visionray import defaults
 from visionray.data.splits import DataError, ImageArrays, limit_indices, split_indices
-from visionray.data.images import BadImage, BadImagesError, decode_batch
+from visionray.data.images import BadImage, BadImagesError, decode_or_bad
 
 if TYPE_CHECKING:  # specs derives its source names from visionray.data.sources
     from visionray.specs import DataSpec
@@ -100,21 +100,16 @@ def decode_files(files: list[Path], labels: np.ndarray, channels: int, size: int
     cache = defaults.CACHE_DIR / "decoded" / f"{digest.hexdigest()[:24]}.npy"
     if cache.exists():
         return ImageArrays(torch.from_numpy(np.load(cache, allow_pickle=False)), torch.as_tensor(labels, dtype=torch.long)), []
-    workers = os.cpu_count() or 2
-    parts = [files[i::workers] for i in range(workers)]  # every thread one part; Pillow releases the GIL
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        decoded = list(pool.map(lambda part: decode_batch(part, [str(f) for f in part], channels, size), parts))
-    images = np.zeros((len(files), channels, size, size), np.uint8)
-    ok = np.zeros(len(files), bool)
-    bad: list[BadImage] = []
-    for i, (arrays, kept, part_bad) in enumerate(decoded):
-        positions = np.arange(i, len(files), workers)[kept]
-        images[positions], ok[positions] = arrays, True
-        bad += part_bad
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # Pillow decodes without the GIL
+        results = list(pool.map(lambda f: decode_or_bad(f, str(f), channels, size), files, chunksize=256))
+    bad = [r for r in results if isinstance(r, BadImage)]
+    ok = np.array([not isinstance(r, BadImage) for r in results], dtype=bool)
+    images = np.stack([r.numpy() for r in results if not isinstance(r, BadImage)]) if ok.any() else \
+        np.zeros((0, channels, size, size), np.uint8)
     if bad:
         if on_bad == "fail":
             raise BadImagesError(sorted(bad, key=lambda b: b.name), len(files))
-        return ImageArrays(torch.from_numpy(images[ok]), torch.as_tensor(labels[ok], dtype=torch.long)), bad
+        return ImageArrays(torch.from_numpy(images), torch.as_tensor(labels[ok], dtype=torch.long)), bad
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".{os.getpid()}.tmp.npy")
     np.save(tmp, images, allow_pickle=False)

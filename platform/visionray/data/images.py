@@ -74,16 +74,22 @@ def describe_error(exc: Exception) -> str:
     return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
-def decode_batch(items: Sequence[bytes | Path], names: Sequence[str], channels: int, size: int
+def decode_or_bad(item: bytes | Path, name: str, channels: int, size: int) -> torch.Tensor | BadImage:
+    """``decode``, or the ``BadImage`` saying why it failed."""
+    try:
+        return decode(item, channels, size)
+    except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault; it is named
+        return BadImage(name, describe_error(exc))
+
+
+def decode_batch(items: Sequence[bytes | Path], names: Sequence[str], channels: int, size: int, on_bad: str = "skip"
                  ) -> tuple[np.ndarray, np.ndarray, list[BadImage]]:
     """Decode a batch: (uint8 (N, C, size, size) of the images that decoded, their positions in
-    ``items``, the ones that did not)."""
-    out, kept, bad = [], [], []
-    for i, (item, name) in enumerate(zip(items, names)):
-        try:
-            out.append(decode(item, channels, size).numpy())
-            kept.append(i)
-        except Exception as exc:  # noqa: BLE001 - any decoder failure is the file's fault; it is named
-            bad.append(BadImage(name, describe_error(exc)))
-    images = np.stack(out) if out else np.zeros((0, channels, size, size), np.uint8)
+    ``items``, the ones that did not). ``on_bad="fail"`` raises ``BadImagesError`` naming them."""
+    results = [decode_or_bad(item, name, channels, size) for item, name in zip(items, names)]
+    bad = [r for r in results if isinstance(r, BadImage)]
+    if bad and on_bad == "fail":
+        raise BadImagesError(bad, len(items))
+    kept = [i for i, r in enumerate(results) if not isinstance(r, BadImage)]
+    images = np.stack([results[i].numpy() for i in kept]) if kept else np.zeros((0, channels, size, size), np.uint8)
     return images, np.asarray(kept, dtype=np.int64), bad

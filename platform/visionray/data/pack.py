@@ -21,7 +21,6 @@ import hashlib
 import io
 import json
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -130,18 +129,6 @@ def plan_shards(items: list[Item], classes: list[str], val_fraction: float, seed
     return digest.hexdigest(), planned
 
 
-def _write_atomic(fs: Any, path: str, data: bytes) -> None:
-    """Readers see the whole file or none: a temporary name renamed locally, one PUT elsewhere."""
-    if storage.is_local(fs):
-        tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    else:
-        with fs.open_output_stream(path) as fh:
-            fh.write(data)
-
-
 def _read(fs: Any, path: str) -> bytes | None:
     try:
         with fs.open_input_stream(path) as fh:
@@ -150,7 +137,7 @@ def _read(fs: Any, path: str) -> bytes | None:
         return None
 
 
-def _check(item: Item) -> tuple[bytes, int, int, str] | BadFile:
+def _check(item: Item) -> tuple[bytes, int, int, str] | str:
     """The item's bytes and size and mode after a full decode, or why it does not decode."""
     try:
         data = item.load()
@@ -158,7 +145,7 @@ def _check(item: Item) -> tuple[bytes, int, int, str] | BadFile:
             im.load()  # every pixel decoded once: a file that packs is a file that trains
             return data, im.width, im.height, im.mode
     except Exception as exc:  # noqa: BLE001 - a bad image is counted and named, never packed
-        return BadFile(name=item.name, split="train", error=describe_error(exc))
+        return describe_error(exc)
 
 
 def _build_shard(shard: Planned, plan: str, num_classes: int, pool: ThreadPoolExecutor,
@@ -170,8 +157,8 @@ def _build_shard(shard: Planned, plan: str, num_classes: int, pool: ThreadPoolEx
     widths, heights, modes = [], [], {}
     for i, checked in enumerate(pool.map(_check, shard.items, chunksize=64)):
         item = shard.items[i]
-        if isinstance(checked, BadFile):
-            bad.append(checked.model_copy(update={"split": shard.split}))
+        if isinstance(checked, str):
+            bad.append(BadFile(name=item.name, split=shard.split, error=checked))
         else:
             data, w, h, mode = checked
             blobs.append(data)
@@ -255,22 +242,23 @@ def pack(src: str, dest: str, *, shard_mib: float = DEFAULT_SHARD_MIB, shard_row
         raise ShardError(f"{dest} holds a pack of other images or arguments; pack into an empty directory "
                          "(or remove it first)")
     fs.create_dir(f"{base}/{JOURNAL_DIR}", recursive=True)
-    total, done = len(items), [0]
+    done = 0
     records: dict[str, ShardRecord] = {}
     written: list[str] = []
 
     def advance(n: int) -> None:
-        done[0] += n
+        nonlocal done
+        done += n
         if progress:
-            progress(done[0], total)
+            progress(done, len(items))
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2) as pool:  # Pillow decodes without the GIL
         for shard in shards:
             record = _kept(fs, base, shard, plan)
             if record is None:
                 data, record = _build_shard(shard, plan, len(classes), pool, advance)
-                _write_atomic(fs, f"{base}/{shard.name}", data)
-                _write_atomic(fs, f"{base}/{JOURNAL_DIR}/{shard.name}.json", record.model_dump_json().encode())
+                storage.write_atomic(fs, f"{base}/{shard.name}", data)
+                storage.write_atomic(fs, f"{base}/{JOURNAL_DIR}/{shard.name}.json", record.model_dump_json().encode())
                 written.append(shard.name)
             else:
                 advance(len(shard.items))
@@ -279,5 +267,5 @@ def pack(src: str, dest: str, *, shard_mib: float = DEFAULT_SHARD_MIB, shard_row
     text = manifest.model_dump_json(indent=2)
     changed = old_text is None or old_text.decode() != text
     if changed:
-        _write_atomic(fs, f"{base}/{MANIFEST_FILE}", text.encode())  # last: a manifest means a complete pack
+        storage.write_atomic(fs, f"{base}/{MANIFEST_FILE}", text.encode())  # last: a manifest means a complete pack
     return PackResult(manifest, written, [s.name for s in shards if s.name not in written], changed)

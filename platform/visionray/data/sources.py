@@ -167,7 +167,7 @@ def _imagefolder(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
 def _shards(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
     """A pack (``visionray data pack``) decoded into memory: its own train/val split. Streaming
     (the default for packs) reads it through Ray Data instead."""
-    from visionray.data.images import BadImagesError, decode_batch
+    from visionray.data.images import decode_batch
     from visionray.data.manifest import pack_location, read_manifest, read_shard
 
     manifest = read_manifest(spec.path)
@@ -180,9 +180,7 @@ def _shards(spec: DataSpec, preset: EvalPreset | None) -> DataSplits:
         for shard in entry.shards:
             table = read_shard(fs, base, shard)
             decoded, kept, bad = decode_batch(table.column("image").to_pylist(), table.column("name").to_pylist(),
-                                              channels, size)
-            if bad and spec.on_bad_file == "fail":
-                raise BadImagesError(bad, table.num_rows)
+                                              channels, size, spec.on_bad_file)
             skipped += [b.name for b in bad]
             images.append(torch.from_numpy(decoded))
             labels.append(torch.from_numpy(table.column("label").to_numpy().astype(np.int64)[kept]))

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from visionray.data.folders import folder_files
-from visionray.data.images import BadImagesError, decode_batch
-from visionray.data.manifest import ShardEntry, pack_location, read_manifest, read_shard
+from visionray.data.images import decode_batch
+from visionray.data.manifest import ShardEntry, ShardManifest, pack_location, read_manifest, read_shard
 from visionray.ops import BATCHED_OPS
 from visionray.transforms import augment_batches, augment_each, preprocess_all
 
@@ -56,9 +56,7 @@ class Decoder:
         self.preset, self.on_bad, self.augment = preset, on_bad, tuple(augment)
 
     def __call__(self, items: Sequence[Any], names: Sequence[str], labels: np.ndarray) -> dict[str, np.ndarray]:
-        images, kept, bad = decode_batch(items, names, self.preset.channels, self.preset.image_size)
-        if bad and self.on_bad == "fail":
-            raise BadImagesError(bad, len(items))
+        images, kept, _ = decode_batch(items, names, self.preset.channels, self.preset.image_size, self.on_bad)
         if self.preset.preprocess and len(images):
             images = preprocess_all(self.preset, torch.from_numpy(images)).numpy()
         if self.augment and len(images):
@@ -90,9 +88,11 @@ def _shard_decode(decoder: Decoder, fs: Any, base: str) -> Callable[[dict], Iter
 
 
 def streaming_datasets(spec: DataSpec, preset: EvalPreset, workers: int, batch_size: int,
-                       augment: Sequence[AugmentOp] = ()) -> tuple[dict, StreamInfo]:
+                       augment: Sequence[AugmentOp] = (), manifest: ShardManifest | None = None
+                       ) -> tuple[dict, StreamInfo]:
     """Ray Datasets ``train`` and ``val`` for the spec's folder or pack, and what workers need to
-    know; ``augment`` is the training policy (see ``decoded_augment``)."""
+    know; ``augment`` is the training policy (see ``decoded_augment``); ``manifest``: the pack's,
+    when the caller read it already."""
     import ray.data
 
     train_decoder = Decoder(preset, spec.on_bad_file, decoded_augment(augment))
@@ -100,7 +100,7 @@ def streaming_datasets(spec: DataSpec, preset: EvalPreset, workers: int, batch_s
     step = {"num_cpus": spec.decode_task_cpus, "compute": ray.data.TaskPoolStrategy(size=spec.decode_cpus),
             **({"label_selector": spec.decode_on} if spec.decode_on else {})}
     if spec.source == "shards":
-        manifest = read_manifest(spec.path)
+        manifest = manifest or read_manifest(spec.path)
         fs, base = pack_location(spec.path)
 
         def read(entries: list[ShardEntry], seed: int | None):

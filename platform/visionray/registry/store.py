@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from visionray import storage
 from visionray.registry.layout import (METADATA_FILE, MODEL_FILE, PICKLE_SUFFIXES, SIGNATURE_FILE, VERSION_FILES,
                                        RegistryError, VerificationError)
 
@@ -101,15 +102,9 @@ class LocalStore(Store):
 
     def write_text_atomic(self, text: str, *parts: str) -> None:
         """Readers see the old content or the new, never a part (temp + rename)."""
-        target = Path(self.path(*parts))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, target)
-        except OSError:
-            tmp.unlink(missing_ok=True)
-            raise
+        import pyarrow.fs as pafs
+
+        storage.write_atomic(pafs.LocalFileSystem(), self.path(*parts), text.encode())
 
     def claim(self, name: str, version: int) -> bool:
         """Reserve ``v<version>`` for one registration; False when another one has it."""
@@ -173,9 +168,7 @@ class ObjectStore(Store):
 
     def write_text_atomic(self, text: str, *parts: str) -> None:
         """One PUT: readers see the old object or the new one."""
-        self.fs.create_dir(self.path(*parts[:-1]), recursive=True)
-        with self.fs.open_output_stream(self.path(*parts)) as fh:
-            fh.write(text.encode())
+        storage.write_atomic(self.fs, self.path(*parts), text.encode())
 
     def claim(self, name: str, version: int) -> bool:
         """Object stores offer no create-if-absent through pyarrow. A claim wins only when it is the
@@ -223,8 +216,6 @@ class ObjectStore(Store):
 def open_store(root: str, filesystem: Any = None) -> LocalStore | ObjectStore:
     """The store for a registry root: a local path or any URI ``visionray.storage`` resolves; or
     ``root`` as a path inside a given pyarrow ``filesystem``."""
-    from visionray import storage
-
     if filesystem is None and "://" not in root:
         return LocalStore(root)
     root_uri = root

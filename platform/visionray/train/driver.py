@@ -24,10 +24,10 @@ def build_trainer(spec: TrainSpec, callbacks: list | None = None):
     config: dict[str, Any] = {"spec": spec}
     datasets = None
     if spec.data.streaming:
-        preset = spec.eval_preset(spec.data.channels or (read_manifest(spec.data.path).channels
-                                                         if spec.data.source == "shards" else 3))
+        manifest = read_manifest(spec.data.path) if spec.data.source == "shards" else None  # read once, here
+        preset = spec.eval_preset(spec.data.channels or (manifest.channels if manifest else 3))
         datasets, config["stream"] = streaming_datasets(spec.data, preset, spec.scaling.workers, spec.optim.batch_size,
-                                                        spec.augment)
+                                                        spec.augment, manifest)
     s = spec.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.gpu:
