@@ -207,6 +207,7 @@ def assert_error(r: httpx.Response, status: int, code: str | None) -> None:
     assert set(body) == {"code", "message", "request_id"}, body
     assert body["request_id"] == r.headers["x-request-id"]
     assert "Traceback" not in body["message"]
+    assert " object at 0x" not in body["message"], body  # no repr of our own objects
     if code is not None:
         assert body["code"] == code, body
 
@@ -527,6 +528,27 @@ def test_exif_orientation_is_applied():
 def test_animated_png_uses_first_frame():
     a = decode_image(animated_png(), "image/png", 3, LIMITS)
     assert a[:, 0, 0].tolist() == [255, 0, 0]
+
+
+def test_bomb_refusal_quotes_the_configured_limits_not_pillows():
+    spec = SanitizerSpec(max_pixels=1000, max_width=64, max_height=64, max_request_pixels=1000)
+    configure_pillow(spec)
+    try:
+        with pytest.raises(Rejection) as info:  # components given: the header walk is skipped, Pillow decides
+            decode_image(encode(noise(100, 100), "PNG"), "image/png", 3, spec, components=3)
+    finally:
+        configure_pillow(LIMITS)
+    assert (info.value.status, info.value.code) == (413, "image_too_large")
+    assert "64x64 and 1000 pixels" in info.value.message and "2000" not in info.value.message, info.value.message
+
+
+def test_unidentified_image_message_has_no_object_repr():
+    ihdr = struct.pack(">IIBBBBB", 8, 8, 3, 9, 0, 0, 0)  # colour type 9 does not exist
+    data = b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IEND", b"")
+    with pytest.raises(Rejection) as info:
+        decode_image(data, "image/png", 3, LIMITS)
+    assert info.value.code == "corrupt_image" and "cannot identify image file" in info.value.message
+    assert "BytesIO" not in info.value.message and "0x" not in info.value.message, info.value.message
 
 
 def test_pillow_bomb_threshold_is_set_explicitly():

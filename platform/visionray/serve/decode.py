@@ -28,6 +28,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -87,6 +88,9 @@ def _jpeg_turbo(data: bytes, components: int, size: int | None) -> Image.Image:
     return im
 
 
+_BUFFER_REPR = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
 def _pillow(data: bytes, declared: str, size: int | None) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -121,14 +125,19 @@ def decode_image(data: bytes, declared: str, channels: int, spec: SanitizerSpec,
             im = reduce_for_model(im, size)
         array = np.array(im, dtype=np.uint8, copy=True)  # pixels only: every metadata field is left behind
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise Rejection(413, "image_too_large", f"decompression bomb refused: {exc}") from None
+        # Pillow's own text quotes its internal limit (twice MAX_IMAGE_PIXELS for the error): name ours
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{found.group(1)} pixels" if found else "more pixels than its header declared"
+        raise Rejection(413, "image_too_large", f"the decoded image has {size}; the limit is {spec.max_width}x"
+                        f"{spec.max_height} and {spec.max_pixels} pixels (sanitizer.max_pixels)") from None
     except MemoryError:
         raise Rejection(413, "image_too_large", f"decoding needs more than the decoder's "
                         f"{spec.decode_memory_mb} MiB (sanitizer.decode_memory_mb)") from None
     except Exception as exc:  # noqa: BLE001 - the trust boundary: any decoder failure is the input's fault
         # Pillow raises OSError, SyntaxError, ValueError, struct.error, EOFError, ... on hostile input;
         # simplejpeg ValueError with libjpeg's message.
-        text = str(exc)
+        # without the repr of our in-memory buffer ("cannot identify image file <_io.BytesIO object at 0x...>")
+        text = _BUFFER_REPR.sub("", str(exc)).rstrip() or type(exc).__name__
         code = "truncated_image" if "truncated" in text.lower() or "premature end" in text.lower() else "corrupt_image"
         raise Rejection(422, code, f"the {declared} image cannot be decoded ({type(exc).__name__}: "
                         f"{text[:MESSAGE_CHARS]})") from None
