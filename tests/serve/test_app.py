@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -653,12 +654,17 @@ def test_cli_serve_predict_loadtest(serve_url, digits_registry, keys, tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     address = ray.get_runtime_context().gcs_address
-    proc = subprocess.run(
-        [sys.executable, "-m", "visionray.cli", "serve", str(path), "--model", "digits@1", "--address", address, "--detach"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
+    log = tmp_path / "serve.log"
+    # started as a shell's `cmd &` starts it: SIGINT ignored; SIGTERM must still drain and stop it
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "visionray.cli", "serve", str(path), "--model", "digits@1", "--address", address],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, env={**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "ready" in proc.stdout
+    deadline = time.time() + 300
+    while "Ctrl-C" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert proc.poll() is None and "ready" in log.read_text(), log.read_text()
     try:
         url = f"{serve_url}/cli"
         png = tmp_path / "seven.png"
@@ -675,7 +681,14 @@ def test_cli_serve_predict_loadtest(serve_url, digits_registry, keys, tmp_path):
         assert report["requests"] == 30 and report["by_status"] == {"200": 30} and report["p99_ms"] >= report["p50_ms"]
         bad = runner.invoke(cli_app, ["predict", str(tmp_path / "serve.yaml"), "--url", url])
         assert bad.exit_code == 2 and "not a PNG, JPEG or WebP" in bad.output
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()
+        out = log.read_text()
+        assert "stopped" in out and "Traceback" not in out and "will not be applied" not in out, out
+        assert "cli" not in serve.status().applications
     finally:
+        if proc.poll() is None:
+            proc.kill()
         serve.delete("cli")
 
 

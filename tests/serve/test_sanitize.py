@@ -23,7 +23,8 @@ from PIL import Image
 
 from visionray.checkpoint import load_model
 from visionray.serve.api import LocalBackend, make_api
-from visionray.serve.config import RateLimitSpec, SanitizerSpec, ServeSpec, load_serve_spec, read_serve_config
+from visionray.serve.config import (RateLimitSpec, SanitizerSpec, ServeSpec, cpus_at_full_scale, load_serve_spec,
+                                    read_serve_config)
 from visionray.serve.predictor import Predictor
 from visionray.serve.decode import configure_pillow, decode_image, to_model_mode
 from visionray.serve.errors import Rejection
@@ -630,6 +631,8 @@ def test_shipped_serve_configs_are_valid():
     for path in sorted((REPO / "serve").glob("*.yaml")):
         raw = read_serve_config(path)
         assert raw["applications"][0]["import_path"] == "visionray.serve.app:build_app", path
+        spec = load_serve_spec(raw["applications"][0]["args"])
+        assert cpus_at_full_scale(spec) <= 2, f"{path} needs more than the 2 cores CI and a laptop have at full scale"
 
 
 BAD_SPECS = [

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.table import Table
@@ -77,22 +78,29 @@ def serve_command(
     with user_errors():
         application = build_app(args)  # resolves the alias: a missing model fails here, before Ray starts
     init_ray(address, verbose)
-    serve.start(http_options=http, proxy_location=raw.get("proxy_location", "HeadOnly"))
+    _stop_on_sigterm()  # after Ray's start: its core worker installs a SIGTERM handler of its own
+    _warn_if_it_cannot_scale(load_serve_spec(args))
+    with _serve_start_quiet():
+        serve.start(http_options=http, proxy_location=raw.get("proxy_location", "HeadOnly"))
     console.print(f"[bold]visionray serve[/] {args.get('model') or args.get('checkpoint')} as application {name!r} ...")
     start = time.time()
     try:
-        serve.run(application, name=name, route_prefix=prefix)
+        with _serve_start_quiet():
+            serve.run(application, name=name, route_prefix=prefix)
     except RuntimeError as exc:
         lines = _deploy_failure(name)
         serve.delete(name)
         fail(lines if len(lines) > 1 else [str(exc), *lines], "deploy failed (the app was removed)", code=1)
-    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix.rstrip('/')}"
+    url = f"{_serving_address()}{prefix.rstrip('/')}"
     console.print(f"[green]ready[/] in {time.time() - start:.0f} s: {url}/v1/classify  (API docs {url}/docs, "
                   f"health {url}/healthz, {url}/readyz)")
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        console.print("Ray's own CLI reaches this local cluster with its token: "
+                      "[bold]RAY_AUTH_MODE=token serve status[/] (the token is in ~/.ray/auth_token)")
     if detach:
         console.print(f"detached; stop it with `serve delete {name}` or `serve shutdown`")
         return
-    console.print("Ctrl-C stops it")
+    console.print("Ctrl-C (or SIGTERM) stops it, draining requests first")
     try:
         while True:
             time.sleep(1.0)
@@ -100,6 +108,61 @@ def serve_command(
         console.print("stopping (draining requests) ...")
         serve.delete(name)
         console.print("stopped")
+
+
+def _warn_if_it_cannot_scale(spec: Any) -> None:
+    """Say so when the cluster could never run every replica the config allows (they would sit
+    "STARTING, cannot be scheduled" under load)."""
+    import ray
+
+    from visionray.serve.config import cpus_at_full_scale
+
+    need, have = cpus_at_full_scale(spec), ray.cluster_resources().get("CPU", 0.0)
+    if need > have:
+        parts = [f"{n}: {d.max_replicas} x {d.num_cpus:g} CPU" for n, d in
+                 (("classifier", spec.classifier), ("ingress", spec.ingress)) if n == "classifier" or spec.topology == "split"]
+        console.print(f"[yellow]warning:[/] at max_replicas the app reserves {need:g} CPUs ({', '.join(parts)}) and this "
+                      f"cluster has {have:g}: replicas beyond that wait unscheduled; lower max_replicas or num_cpus, or add nodes")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (``kill``, systemd, a container runtime) stops the app like Ctrl-C does, draining
+    requests first; SIGINT works too when the shell started us in the background (``&`` sets it
+    to ignored)."""
+    import signal
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _serving_address() -> str:
+    """Where Serve's HTTP proxy really listens: the cluster's settings, which win over the config's
+    when Serve already ran there (Serve warns that the new ones are ignored)."""
+    from ray.serve.context import _get_global_client  # Serve's public API does not expose the running http_options
+
+    http = _get_global_client().http_config
+    return f"http://{http.host}:{http.port}"
+
+
+@contextlib.contextmanager
+def _serve_start_quiet() -> Iterator[None]:
+    """``serve.run`` after our ``serve.start`` logs "New http_options/controller_options will not be
+    applied" though they were, by that ``serve.start``. Drop that one line (Serve's warning that an
+    already running Serve keeps its own settings still shows)."""
+    import logging
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "will not be applied" not in record.getMessage()
+
+    serve_logger = logging.getLogger("ray.serve")
+    serve_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        serve_logger.removeFilter(keep)
 
 
 def predict_command(

@@ -210,6 +210,12 @@ class ServeSpec(Strict):
         return self
 
 
+def cpus_at_full_scale(spec: ServeSpec) -> float:
+    """CPUs the app reserves when every deployment is at ``max_replicas``."""
+    deployments = [spec.classifier] if spec.topology == "combined" else [spec.classifier, spec.ingress]
+    return sum(d.max_replicas * d.num_cpus for d in deployments)
+
+
 def load_serve_spec(args: dict[str, Any] | ServeSpec, source: str = "serve args") -> ServeSpec:
     """Validate an application's ``args`` (raises ``SpecError`` naming each bad field)."""
     if isinstance(args, ServeSpec):
