@@ -495,7 +495,7 @@ def test_overload_answers_503_with_retry_after_instead_of_waiting(serve_url, dig
 
 def test_combined_topology_serves_the_same_answers_in_one_deployment(serve_url, digits_registry, keys, tmp_path):
     """topology: combined: one deployment (named Classifier) sanitizes, decodes and classifies: the same
-    answers as evaluate, the same JSON rejections, and overload is Serve's 503 with Retry-After."""
+    answers as evaluate, the same JSON rejections, and overload is our 503 JSON with Retry-After."""
     from ray import serve
 
     from visionray.serve.app import build_app
@@ -526,6 +526,8 @@ def test_combined_topology_serves_the_same_answers_in_one_deployment(serve_url, 
 
         r503 = next((r for r in asyncio.run(burst()) if r.status_code == 503), None)
         assert r503 is not None and r503.headers["retry-after"] == "2"
+        body = r503.json()  # our admission gate's JSON, not Serve's plain-text backpressure answer
+        assert body["code"] == "overloaded" and set(body) == {"code", "message", "request_id"}, r503.text
         with Client(url, retries=5) as client:
             assert client.classify([JPEG])["results"]
     finally:

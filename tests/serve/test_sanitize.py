@@ -468,6 +468,31 @@ def test_slow_uploads_beyond_the_caps_get_a_short_leash_and_valid_requests_pass(
     assert [r.json()["code"] for r in done] == ["content_mismatch"] * 2  # the two within the caps were read whole
 
 
+@pytest.mark.parametrize("topology", ["split", "combined"])
+def test_admission_gate_answers_overload_as_json_and_lets_probes_through(rgb_checkpoint, topology):
+    limits = {"max_ongoing_requests": 1, "max_queued_requests": 1, "retry_after_s": 3}
+    deployments = {"classifier": {**limits, "max_ongoing_requests": 16}} if topology == "combined" else {"ingress": limits}
+    app, counts = make_app(rgb_checkpoint, topology=topology, **deployments, sanitizer={
+        "body_grace_s": 5, "min_body_bytes_per_s": 1, "max_unfinished_bodies": 64, "max_unfinished_bodies_per_client": 64})
+    limit = 17 if topology == "combined" else 2  # max_ongoing_requests + max_queued_requests of the HTTP-facing one
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.8", 1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://vr", timeout=30) as c:
+            holders = [asyncio.create_task(_trickle(c, 0.1, chunks=10)) for _ in range(limit)]  # fill the gate
+            await asyncio.sleep(0.3)
+            over = await c.post("/v1/classify", content=PNG, headers={"content-type": "image/png"})
+            probe = await c.get("/healthz")
+            await asyncio.gather(*holders)
+            after = await c.post("/v1/classify", content=PNG, headers={"content-type": "image/png"})
+            return over, probe, after
+
+    over, probe, after = asyncio.run(go())
+    assert_error(over, 503, "overloaded")
+    assert over.headers["retry-after"] == "3" and counts["overloaded"] == 1
+    assert probe.status_code == 200 and after.status_code == 200  # probes pass the gate; it reopens
+
+
 def test_lying_content_length_above_cap_is_refused_before_reading(rgb_checkpoint):
     app, _ = make_app(rgb_checkpoint, sanitizer={"max_body_bytes": 4096})
     assert_error(post(app, PNG, {"content-type": "image/png", "content-length": str(10**12)}), 413, "body_too_large")

@@ -251,5 +251,6 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
 
     _add_probes(app, spec, backend)
     app.add_middleware(SanitizerMiddleware, spec=spec.sanitizer, keys=keys, rate=spec.rate_limit, on_reject=on_reject,
-                       echo_request_id=echo_request_id)
+                       echo_request_id=echo_request_id, admission_limit=spec.http_facing.admission_limit,
+                       retry_after_s=spec.http_facing.retry_after_s)
     return app

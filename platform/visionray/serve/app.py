@@ -16,8 +16,11 @@
 ``topology: combined``, one deployment (``Classifier``, configured by ``classifier``) that is both:
 the same API, middleware, verification and batched model in one replica, so a request crosses one
 process boundary fewer (6 to 11 ms less at concurrency 1 on a 2-core machine,
-``benchmarks/serve.py``). Overload is then answered by Serve's proxy from the deployment's own
-``max_ongoing_requests``/``max_queued_requests``: 503 with Retry-After, a plain-text body.
+``benchmarks/serve.py``).
+
+Overload, in both: the HTTP-facing deployment's admission gate (``SanitizerMiddleware``) answers
+503 JSON with Retry-After beyond ``max_ongoing_requests + max_queued_requests`` per replica;
+Serve's own limits for it sit above the gate (``DeploymentSpec.options(http_facing=True)``).
 
 Prometheus (Ray's metrics endpoint): Serve's own request, latency, queue and replica metrics, plus
 ``visionray_serve_rejected_total{reason}`` and ``visionray_serve_images_total``.
@@ -169,6 +172,6 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     spec = load_serve_spec(args)
     source = resolve_source(spec)
     if spec.topology == "combined":
-        return CombinedClassifier.options(**spec.classifier.options()).bind(source, spec)
+        return CombinedClassifier.options(**spec.classifier.options(http_facing=True)).bind(source, spec)
     classifier = Classifier.options(**spec.classifier.options()).bind(source, spec)
-    return Ingress.options(**spec.ingress.options()).bind(classifier, spec)
+    return Ingress.options(**spec.ingress.options(http_facing=True)).bind(classifier, spec)

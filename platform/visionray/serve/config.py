@@ -96,6 +96,9 @@ class BatchSpec(Strict):
     wait_s: float = Field(0.002, ge=0.0, le=10.0, description="longest wait to fill a batch (s)")
 
 
+PROBE_HEADROOM = 8  # requests per HTTP-facing replica above the admission gate's limit: /healthz, /readyz, /docs
+
+
 class DeploymentSpec(Strict):
     """Replicas, autoscaling and overload behaviour of one Serve deployment."""
 
@@ -129,8 +132,23 @@ class DeploymentSpec(Strict):
             )
         return self
 
-    def options(self) -> dict[str, Any]:
-        """Keyword arguments for ``Deployment.options``."""
+    @property
+    def admission_limit(self) -> int | None:
+        """Requests one replica of an HTTP-facing deployment holds before our gate answers 503 JSON:
+        the ones it works on plus the ones that may wait (None: ``max_queued_requests: -1``)."""
+        return None if self.max_queued_requests == -1 else self.max_ongoing_requests + self.max_queued_requests
+
+    def options(self, http_facing: bool = False) -> dict[str, Any]:
+        """Keyword arguments for ``Deployment.options``. ``http_facing``: the deployment clients
+        reach over HTTP. Its overload is answered by our admission gate (503 JSON with Retry-After,
+        ``SanitizerMiddleware``) so Serve's own limits sit above the gate's and never answer first
+        (Serve's answer is plain text): each replica takes ``admission_limit`` requests plus
+        ``PROBE_HEADROOM`` for the probes, and Serve queues nothing in front of the replicas itself
+        (``max_queued_requests: -1``; requests wait in the proxy only while no replica is up, for
+        example at a cold start from zero, up to ``http_options.request_timeout_s``)."""
+        ongoing, queued = self.max_ongoing_requests, self.max_queued_requests
+        if http_facing and self.admission_limit is not None:
+            ongoing, queued = self.admission_limit + PROBE_HEADROOM, -1
         return {
             "autoscaling_config": {
                 "min_replicas": self.min_replicas,
@@ -142,8 +160,8 @@ class DeploymentSpec(Strict):
                 "metrics_interval_s": self.metrics_interval_s,
                 "look_back_period_s": self.look_back_period_s,
             },
-            "max_ongoing_requests": self.max_ongoing_requests,
-            "max_queued_requests": self.max_queued_requests,
+            "max_ongoing_requests": ongoing,
+            "max_queued_requests": queued,
             "backpressure_config": {"status_code": 503, "retry_after_s": self.retry_after_s},
             "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
             "graceful_shutdown_wait_loop_s": self.graceful_shutdown_wait_loop_s,
@@ -181,6 +199,11 @@ class ServeSpec(Strict):
                              "sanitizes, decodes and classifies, one hop and one process per request fewer")
     classifier: DeploymentSpec = Field(default_factory=DeploymentSpec, description="the model replicas")
     ingress: DeploymentSpec = Field(default_factory=_ingress_default, description="the HTTP ingress replicas (sanitizer, decoding)")
+
+    @property
+    def http_facing(self) -> DeploymentSpec:
+        """The deployment clients reach over HTTP: the ingress, or the classifier when combined."""
+        return self.classifier if self.topology == "combined" else self.ingress
 
     @field_validator("model")
     @classmethod

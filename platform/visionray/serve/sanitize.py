@@ -165,9 +165,15 @@ class SanitizerMiddleware:
     """
 
     def __init__(self, app: Callable, spec: SanitizerSpec, keys: list[bytes], rate: RateLimitSpec,
-                 on_reject: Callable[[str], None] = lambda code: None, echo_request_id: bool = True):
-        """``keys``: accepted API keys (``load_api_keys``); empty: no authentication."""
+                 on_reject: Callable[[str], None] = lambda code: None, echo_request_id: bool = True,
+                 admission_limit: int | None = None, retry_after_s: int = 1):
+        """``keys``: accepted API keys (``load_api_keys``); empty: no authentication.
+        ``admission_limit``: requests (probes and docs aside) this replica holds at once; one more
+        gets 503 ``overloaded`` with Retry-After ``retry_after_s`` before anything else is read."""
         self.app = app
+        self.admission_limit = admission_limit
+        self.retry_after = {"Retry-After": str(max(1, retry_after_s))}
+        self.in_flight = 0  # gated requests this replica holds (its event loop only)
         self.echo_request_id = echo_request_id
         self.spec = spec
         self.keys = keys
@@ -189,12 +195,26 @@ class SanitizerMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
+        gated = app_path(scope) not in OPEN_PATHS
+        if gated and self.admission_limit is not None and self.in_flight >= self.admission_limit:
+            self.on_reject("overloaded")
+            await self._reject(send_with_id, Rejection(
+                503, "overloaded", f"this replica holds {self.admission_limit} requests already (max_ongoing_requests + "
+                f"max_queued_requests); retry in {self.retry_after['Retry-After']} s", self.retry_after), request_id)
+            return
+        self.in_flight += gated
+        try:
+            await self._admitted(scope, receive, send_with_id, request_id)
+        finally:
+            self.in_flight -= gated
+
+    async def _admitted(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable, request_id: str) -> None:
         try:
             await self._admit(scope)
             body = await self._read_body(receive, _address(scope))
         except Rejection as rej:
             self.on_reject(rej.code)
-            await self._reject(send_with_id, rej, request_id)
+            await self._reject(send, rej, request_id)
             return
         if body is None:  # the client went away
             return
@@ -207,7 +227,7 @@ class SanitizerMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send_with_id)
+        await self.app(scope, replay, send)
 
     async def _reject(self, send: Callable, rej: Rejection, request_id: str) -> None:
         body = error_body(rej.code, rej.message, request_id)
