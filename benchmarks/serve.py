@@ -2,7 +2,10 @@
 
 (a) VisionRay: the real ``visionray.serve.app:build_app`` (sanitizer, decoding, batched inference of
     a signed registry model) over HTTP on loopback, in both topologies: ``split`` (an Ingress
-    deployment calls a Classifier deployment through a handle) and ``combined`` (one deployment);
+    deployment calls a Classifier deployment through a handle) and ``combined`` (one deployment),
+    in every serving mode (``ingress_mode``: ``proxy``, ``direct``, ``throughput``; one Ray cluster
+    per mode, in a child process, since Serve reads its mode from the environment at start-up);
+Ray's floor in each mode: an ingress deployment that reads the body and returns a constant;
 (b) plain Ray Serve as Ray's docs write it: one deployment whose ``__call__`` reads the body, decodes the
     PNG with Pillow and runs the model on it, one request = one forward pass, no batching;
 (c) the limit: ``model(batch)`` in this process at the same batch size, no HTTP, no decoding.
@@ -10,10 +13,11 @@
 (a) and (b) get the same PNGs from the same load generator (``visionray.serve.client.loadtest``)
 at the same fixed concurrency for the same duration. Torch threads match the replicas' (Ray gives
 a 1-CPU replica OMP_NUM_THREADS=1). Reported: requests/s, p50/p99, and (a)/(c), (a)/(b), and the
-p50 overhead of (a) at concurrency 1 over one direct in-process call (sanitized decode + predict).
+p50 overhead of (a) at concurrency 1 over one direct in-process call (sanitized decode + predict),
+and how much of it lies above Ray's floor in that mode. (b) runs in proxy mode, as the docs deploy it.
 Goals, for each topology of (a): (a)/(c) >= 0.8 for seed_cnn; (a)/(b) >= 2; p50 overhead <= 3 ms.
 
-    python benchmarks/serve.py [--duration 10] [--concurrency 32] [--models seed_cnn,cifar_convnet] [--gpu]
+    python benchmarks/serve.py [--duration 10] [--concurrency 32] [--models seed_cnn,cifar_convnet] [--modes proxy,direct,throughput] [--gpu]
 
 ``--gpu``: every model-holding process on the one GPU (Ray shares it by fractions): (a)'s classifier
 in fp16 + channels_last as the product serves, (b) in fp32 as the docs write it, (c) as (a)'s model.
@@ -25,6 +29,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,6 +38,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from fastapi import FastAPI
 from PIL import Image
 from ray import serve
 from starlette.requests import Request
@@ -51,6 +57,8 @@ REPLICA_THREADS = 1  # torch threads in a 1-CPU replica, and in the in-process m
 WARMUP_S = 2.0  # load before each measured phase (s)
 DIRECT_REPEAT = 50  # single in-process calls timed for the direct latency
 TOPOLOGIES = ("split", "combined")  # (a)'s, ServeSpec.topology
+MODES = ("proxy", "direct", "throughput")  # ServeSpec.ingress_mode, one Ray cluster each
+FLOOR_API = FastAPI()
 GOALS = {"a_over_c": 0.8, "a_over_b": 2.0, "overhead_ms": 3.0}
 
 
@@ -141,9 +149,23 @@ def load(url: str, images: list[tuple[str, bytes, str]], concurrency: int, durat
     return asyncio.run(loadtest(url, images, concurrency, duration_s, timeout_s=60.0, seed=1)).to_json()
 
 
-def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+@serve.deployment(name="Floor")
+@serve.ingress(FLOOR_API)
+class Floor:
+    """Ray's own floor in a mode: an ingress that reads the body and returns a constant."""
+
+    @FLOOR_API.post("/v1/classify")
+    async def classify(self, request: Request) -> dict[str, int]:
+        await request.body()
+        return {"ok": 1}
+
+
+def bench_model(key: str, mode: str, proxy_port: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """One model's rows in this process's serving mode: (a) in both topologies, Ray's floor, and in
+    proxy mode (b); (c) and the direct call in this process."""
     from visionray.registry.registry import Registry
     from visionray.serve.app import build_app
+    from visionray.serve.modes import ingress_ports
     from visionray.serve.predictor import Predictor
 
     arch, kwargs, channels, size = MODELS[key]
@@ -163,7 +185,7 @@ def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) ->
     # (a) VisionRay over HTTP
     serve_args = {
         "model": f"{name}@best", "registry": str(registry), "public_keys": [str(public)],
-        "device": "cuda" if args.gpu else "cpu",
+        "device": "cuda" if args.gpu else "cpu", "ingress_mode": mode,
         "batch": {"max_batch_size": args.batch, "wait_s": args.batch_wait_s},
         "classifier": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 1, "num_gpus": 0.5 if args.gpu else 0,
                        "max_ongoing_requests": max(args.batch, args.concurrency), "max_queued_requests": 4 * args.concurrency},
@@ -174,6 +196,7 @@ def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) ->
         app_name = f"{path}-{key}"
         serve.run(app, name=app_name, route_prefix=f"/{app_name}")
         try:
+            port = proxy_port if mode == "proxy" else ingress_ports(app_name)[0]
             url = f"http://127.0.0.1:{port}/{app_name}"
             row[path] = load(url, images, args.concurrency, args.duration)
             row[f"{path}_c1"] = load(url, images, 1, args.duration / 2)
@@ -183,25 +206,52 @@ def bench_model(key: str, port: int, args: argparse.Namespace, workdir: Path) ->
     for topology in TOPOLOGIES:
         ingress = {"ingress": {"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5}} if topology == "split" else {}
         phase(f"a_{topology}", build_app({**serve_args, "topology": topology, **ingress}))
+    phase("floor", Floor.options(num_replicas=1, max_ongoing_requests=4 * args.concurrency,
+                                 ray_actor_options={"num_cpus": 1}).bind())
 
-    # (b) plain Ray Serve
-    checkpoint = workdir / key / "ckpt" / name
-    gpus = 0.5 / args.plain_replicas if args.gpu else 0  # (b)'s replicas share the other half of the GPU
-    plain = Plain.options(num_replicas=args.plain_replicas, ray_actor_options={"num_cpus": 1, "num_gpus": gpus}).bind(
-        str(checkpoint), "cuda" if args.gpu else "cpu")
-    phase("b", plain)
+    # (b) plain Ray Serve, as the docs deploy it (proxy mode)
+    if mode == "proxy":
+        checkpoint = workdir / key / "ckpt" / name
+        gpus = 0.5 / args.plain_replicas if args.gpu else 0  # (b)'s replicas share the other half of the GPU
+        plain = Plain.options(num_replicas=args.plain_replicas, ray_actor_options={"num_cpus": 1, "num_gpus": gpus}).bind(
+            str(checkpoint), "cuda" if args.gpu else "cpu")
+        phase("b", plain)
+    return row
 
+
+def run_mode(mode: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every model's rows in ``mode``, on a Ray cluster of this process started in that mode."""
+    import ray
+
+    torch.set_num_threads(REPLICA_THREADS)
+    ray.init(num_cpus=max(4, os.cpu_count() or 4), include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False, logging_level="ERROR")
+    port = free_port()
+    rows = []
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        with tempfile.TemporaryDirectory() as tmp:
+            for key in args.models.split(","):
+                rows.append(bench_model(key, mode, port, args, Path(tmp)))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return rows
+
+
+def ratios(row: dict[str, Any], mode_row: dict[str, Any], batch_wait_s: float) -> dict[str, dict[str, float | None]]:
+    """(a)/(c), (a)/(b) and the c=1 overhead over the direct call, per topology of one mode."""
+    out = {}
     for topology in TOPOLOGIES:
-        a, a_c1 = row[f"a_{topology}"], row[f"a_{topology}_c1"]
+        a, a_c1 = mode_row[f"a_{topology}"], mode_row[f"a_{topology}_c1"]
         overhead = a_c1["p50_ms"] - row["direct"]["total_ms"] if a_c1["p50_ms"] else None
-        row[f"ratios_{topology}"] = {
+        out[topology] = {
             "a_over_c": a["ok_per_s"] / row["c_images_per_s"],
             "a_over_b": a["ok_per_s"] / row["b"]["ok_per_s"] if row["b"]["ok_per_s"] else None,
             "overhead_ms": overhead,
-            # at concurrency 1 a batch never fills: every request also waits batch_wait_s for company
-            "overhead_beyond_batch_wait_ms": None if overhead is None else overhead - args.batch_wait_s * 1e3,
+            "over_floor_ms": a_c1["p50_ms"] - mode_row["floor_c1"]["p50_ms"] if a_c1["p50_ms"] else None,
         }
-    return row
+    return out
 
 
 def device_name() -> str:
@@ -217,37 +267,50 @@ def main() -> None:
     parser.add_argument("--plain-replicas", type=int, default=2,
                         help="replicas of (b): as many model-holding processes as (a) has replicas")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"serving modes, comma-separated, from {', '.join(MODES)}")
     parser.add_argument("--gpu", action="store_true", help="models on the GPU (a: fp16 as served, b: fp32 as in Ray's docs)")
     parser.add_argument("--out", default=str(HERE / "results" / "serve.json"))
+    parser.add_argument("--worker-mode", choices=MODES, help=argparse.SUPPRESS)  # one mode's cluster, in a child process
     args = parser.parse_args()
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu: torch sees no CUDA device here")
     keys = [k.strip() for k in args.models.split(",") if k.strip()]
     if unknown := [k for k in keys if k not in MODELS]:
         parser.error(f"--models: unknown {unknown}; choose from {', '.join(MODELS)}")
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if unknown := [m for m in modes if m not in MODES]:
+        parser.error(f"--modes: unknown {unknown}; choose from {', '.join(MODES)}")
+    if "proxy" not in modes:
+        parser.error("--modes must include proxy: (b), Ray's docs-style deployment, is measured there")
+    args.models = ",".join(keys)
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if args.worker_mode:
+        Path(args.out).write_text(json.dumps(run_mode(args.worker_mode, args)))
+        return
 
-    import ray
     from rich.console import Console
     from rich.table import Table
 
     from visionray.checkpoint import versions
+    from visionray.serve.modes import mode_env
 
-    torch.set_num_threads(REPLICA_THREADS)
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     load_before = os.getloadavg()
     started = time.time()
-    ray.init(num_cpus=max(4, os.cpu_count() or 4), include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, logging_level="ERROR")
-    port = free_port()
+    by_mode: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in modes:  # one Ray cluster per mode: Serve reads its mode from the environment at start-up
+            out = Path(tmp) / f"{mode}.json"
+            env = {**os.environ, **mode_env(mode, free_port_range(8), 8)}
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--worker-mode", mode, "--out", str(out)]
+            subprocess.run(cmd, env=env, check=True)
+            by_mode[mode] = json.loads(out.read_text())
     rows = []
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        with tempfile.TemporaryDirectory() as tmp:
-            for key in keys:
-                rows.append(bench_model(key, port, args, Path(tmp)))
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    for i, key in enumerate(keys):
+        proxy_row = by_mode["proxy"][i]
+        row = {k: v for k, v in proxy_row.items() if not k.startswith(("a_", "floor"))}
+        row["modes"] = {m: {k: v for k, v in by_mode[m][i].items() if k.startswith(("a_", "floor"))} for m in modes}
+        row["ratios"] = {m: ratios(row, row["modes"][m], args.batch_wait_s) for m in modes}
+        rows.append(row)
 
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v:.1f}"
@@ -255,27 +318,30 @@ def main() -> None:
     console = Console(width=160)
     table = Table(title=f"serving, concurrency {args.concurrency}, {args.duration:g} s per phase, batch {args.batch}, "
                         f"{device_name()}{', CPU x' + str(os.cpu_count()) if torch.cuda.is_available() else ''}, load avg {load_before[0]:.1f}")
-    for col in ("model", "path", "req/s", "p50 ms", "p99 ms", "c=1 p50 ms", "non-200"):
+    for col in ("model", "mode", "path", "req/s", "p50 ms", "p99 ms", "c=1 p50 ms", "non-200"):
         table.add_column(col, justify="right")
     for r in rows:
-        paths = [(f"(a) VisionRay {t}", r[f"a_{t}"], r[f"a_{t}_c1"]) for t in TOPOLOGIES] + [("(b) plain Serve", r["b"], r["b_c1"])]
-        for path, main_, c1 in paths:
+        paths = [(m, f"(a) VisionRay {t}", r["modes"][m][f"a_{t}"], r["modes"][m][f"a_{t}_c1"]) for m in modes for t in TOPOLOGIES]
+        paths += [(m, "Ray's floor (constant)", r["modes"][m]["floor"], r["modes"][m]["floor_c1"]) for m in modes]
+        paths += [("proxy", "(b) plain Serve", r["b"], r["b_c1"])]
+        for mode, path, main_, c1 in paths:
             bad = {k: v for k, v in main_["by_status"].items() if k != "200"}
-            table.add_row(r["model"], path, f"{main_['ok_per_s']:.1f}", ms(main_["p50_ms"]), ms(main_["p99_ms"]),
+            table.add_row(r["model"], mode, path, f"{main_['ok_per_s']:.1f}", ms(main_["p50_ms"]), ms(main_["p99_ms"]),
                           ms(c1["p50_ms"]), str(bad or "-"))
-        table.add_row(r["model"], f"(c) model(batch {args.batch})", f"{r['c_images_per_s']:.1f}", "", "", "", "")
-        table.add_row(r["model"], "direct decode+predict", "", "", "", ms(r["direct"]["total_ms"]), "", end_section=True)
+        table.add_row(r["model"], "", f"(c) model(batch {args.batch})", f"{r['c_images_per_s']:.1f}", "", "", "", "")
+        table.add_row(r["model"], "", "direct decode+predict", "", "", "", ms(r["direct"]["total_ms"]), "", end_section=True)
     console.print(table)
-    ratios = Table(title="ratios")
-    for col in ("model", "(a) topology", f"(a)/(c) (goal >= {GOALS['a_over_c']}, seed_cnn)", f"(a)/(b) (goal >= {GOALS['a_over_b']:g})",
-                f"p50 overhead ms (goal <= {GOALS['overhead_ms']:g})", "of which not batch wait ms"):
-        ratios.add_column(col, justify="right")
+    goals = Table(title="goals")
+    for col in ("model", "mode", "(a) topology", f"(a)/(c) (goal >= {GOALS['a_over_c']}, seed_cnn)", f"(a)/(b) (goal >= {GOALS['a_over_b']:g})",
+                f"c=1 overhead ms (goal <= {GOALS['overhead_ms']:g})", "of which above Ray's floor ms"):
+        goals.add_column(col, justify="right")
     for r in rows:
-        for t in TOPOLOGIES:
-            q = r[f"ratios_{t}"]
-            ratios.add_row(r["model"], t, f"{q['a_over_c']:.2f}", "-" if q["a_over_b"] is None else f"{q['a_over_b']:.2f}",
-                           ms(q["overhead_ms"]), ms(q["overhead_beyond_batch_wait_ms"]))
-    console.print(ratios)
+        for m in modes:
+            for t in TOPOLOGIES:
+                q = r["ratios"][m][t]
+                goals.add_row(r["model"], m, t, f"{q['a_over_c']:.2f}", "-" if q["a_over_b"] is None else f"{q['a_over_b']:.2f}",
+                              ms(q["overhead_ms"]), ms(q["over_floor_ms"]))
+    console.print(goals)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "device": device_name(),
@@ -283,6 +349,26 @@ def main() -> None:
         "wall_s": round(time.time() - started, 1), "settings": vars(args), "replica_threads": REPLICA_THREADS,
         "goals": GOALS, "rows": rows,
     }, indent=2))
+
+
+def free_port_range(n: int) -> int:
+    """The first of ``n`` consecutive ports free on loopback now (the direct modes' replica ports)."""
+    for _ in range(100):
+        first = free_port()
+        if first + n < 65536 and all(port_free(first + i) for i in range(n)):
+            return first
+    raise RuntimeError(f"no {n} consecutive free ports found")
+
+
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 if __name__ == "__main__":

@@ -61,12 +61,20 @@ def serve_command(
         if model is not None:
             args.pop("checkpoint", None)
             args["model"] = model
-        load_serve_spec(args, f"{config}: args (with --model)" if model else f"{config}: args")
+        spec = load_serve_spec(args, f"{config}: args (with --model)" if model else f"{config}: args")
     http = dict(raw.get("http_options") or {})
     if host is not None:
         http["host"] = host
     if port is not None:
         http["port"] = port
+    local = not (address or os.environ.get("RAY_ADDRESS"))
+    direct_port = http.get("port", 8000)
+    if spec.ingress_mode != "proxy":
+        from visionray.serve.modes import FALLBACK_PORT_OFFSET, mode_env
+
+        http["port"] = direct_port + FALLBACK_PORT_OFFSET  # Serve's proxy steps aside: the replicas take the port
+        if local:  # a cluster we connect to runs the mode it was started in; the replicas check it
+            os.environ.update(mode_env(spec.ingress_mode, direct_port, spec.http_facing.max_replicas))
     name = app_cfg.get("name", "default")
     prefix = app_cfg.get("route_prefix", "/")
 
@@ -79,7 +87,7 @@ def serve_command(
         application = build_app(args)  # resolves the alias: a missing model fails here, before Ray starts
     init_ray(address, verbose)
     _stop_on_sigterm()  # after Ray's start: its core worker installs a SIGTERM handler of its own
-    _warn_if_it_cannot_scale(load_serve_spec(args))
+    _warn_if_it_cannot_scale(spec)
     with _serve_start_quiet():
         serve.start(http_options=http, proxy_location=raw.get("proxy_location", "HeadOnly"))
     console.print(f"[bold]visionray serve[/] {args.get('model') or args.get('checkpoint')} as application {name!r} ...")
@@ -91,10 +99,18 @@ def serve_command(
         lines = _deploy_failure(name)
         serve.delete(name)
         fail(lines if len(lines) > 1 else [str(exc), *lines], "deploy failed (the app was removed)", code=1)
-    url = f"{_serving_address()}{prefix.rstrip('/')}"
+    proxy = _serving_address()
+    if spec.ingress_mode == "proxy":
+        url = f"{proxy}{prefix.rstrip('/')}"
+    else:
+        url = f"http://{http.get('host', '127.0.0.1')}:{direct_port}{prefix.rstrip('/')}"
+        more = spec.http_facing.max_replicas - 1
+        console.print(f"ingress_mode {spec.ingress_mode}: the HTTP-facing replicas listen on port {direct_port}"
+                      + (f" and up to {more} next port(s), one per replica (balance across them)" if more else "")
+                      + f"; Serve's fallback proxy on {proxy}")
     console.print(f"[green]ready[/] in {time.time() - start:.0f} s: {url}/v1/classify  (API docs {url}/docs, "
                   f"health {url}/healthz, {url}/readyz)")
-    if not (address or os.environ.get("RAY_ADDRESS")):
+    if local:
         console.print("Ray's own CLI reaches this local cluster with its token: "
                       "[bold]RAY_AUTH_MODE=token serve status[/] (the token is in ~/.ray/auth_token)")
     if detach:

@@ -189,10 +189,12 @@ def _add_probes(app: FastAPI, spec: ServeSpec, backend: Backend) -> None:
 
 def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None] = lambda code: None,
              on_images: Callable[[int], None] = lambda n: None, echo_request_id: bool = True,
-             decoder: DecodePool | None = None) -> FastAPI:
+             decoder: DecodePool | None = None, model_input: tuple[int, int] | None = None) -> FastAPI:
     """The ASGI app: routes, error handlers and the sanitizer middleware. ``echo_request_id``:
     add X-Request-ID to responses (Serve's proxy does that itself). ``decoder``: the replica's
-    started pool of sandboxed decoders; by default one that starts on the first image."""
+    started pool of sandboxed decoders; by default one that starts on the first image.
+    ``model_input``: (channels, image size) the images are decoded for, known when the app is
+    built; by default asked of the backend once."""
     keys = load_api_keys(spec.auth)  # a misconfigured key source fails here, when the replica starts
     decoder = decoder or DecodePool(spec.sanitizer)
 
@@ -230,8 +232,11 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
         if pixels > spec.sanitizer.max_request_pixels:
             raise Rejection(413, "too_many_pixels", f"the {len(parts)} images declare {pixels} pixels together; the "
                             f"limit per request is {spec.sanitizer.max_request_pixels} (sanitizer.max_request_pixels)")
-        model_input = (await info())["input"]
-        channels, size = model_input["channels"], model_input["image_size"]
+        if model_input is not None:
+            channels, size = model_input
+        else:
+            wanted = (await info())["input"]
+            channels, size = wanted["channels"], wanted["image_size"]
         images = await asyncio.gather(*(decoder.decode(data, d, channels, size, h)
                                         for (_, _, data), d, h in zip(parts, declared, headers)))
         labels = await asyncio.gather(*(backend.classify(im, top_k) for im in images))

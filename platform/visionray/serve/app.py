@@ -43,7 +43,8 @@ from visionray.models import TTA_VIEWS
 from visionray.serve.api import Backend, make_api
 from visionray.serve.config import ServeSpec, load_serve_spec
 from visionray.serve.errors import Rejection
-from visionray.serve.predictor import Label, Predictor, Source, load_source, pick_device, resolve_source
+from visionray.serve.modes import check_replica_mode
+from visionray.serve.predictor import Label, Predictor, Source, check_input, load_source, pick_device, resolve_source
 from visionray.serve.pool import DecodePool
 
 logger = logging.getLogger("ray.serve")
@@ -55,9 +56,11 @@ class ModelReplica:
 
     def __init__(self, source: Source, spec: ServeSpec):
         self.predictor: Predictor | None = None
+        self.in_flight = 0  # classify calls on this replica's event loop
         device = pick_device(spec.device)
         model, meta, name, version = load_source(source, device)  # raises VerificationError: no deploy
         self.predictor = Predictor(model, meta, name, version, device)
+        check_input(source, self.predictor.preset)  # the ingress decodes for the input the app was built with
         self.infer.set_max_batch_size(spec.batch.max_batch_size)
         self.infer.set_batch_wait_timeout_s(spec.batch.wait_s)
         logger.info("serving %s v%s on %s, test-time augmentation %s (%d forward passes per image)",
@@ -70,6 +73,18 @@ class ModelReplica:
     def describe(self) -> dict[str, Any]:
         self.check_health()
         return self.predictor.info()
+
+    async def classify(self, image: np.ndarray, k: int) -> list[Label]:
+        """One image's top-``k``. The batch wait adapts to load: the replica's only request goes
+        straight to the model (nobody to wait for); with more in flight they are batched, waiting
+        up to ``batch.wait_s`` for company."""
+        self.in_flight += 1
+        try:
+            if self.in_flight == 1:
+                return (await asyncio.to_thread(self.predictor.predict, [image], k))[0]
+            return await self.infer(image, k)
+        finally:
+            self.in_flight -= 1
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)  # both set from the config in __init__
     async def infer(self, images: list[np.ndarray], ks: list[int]) -> list[list[Label]]:
@@ -85,7 +100,9 @@ class ApiReplica:
     """What every HTTP-facing replica does: serve ``make_api`` (routes and ``SanitizerMiddleware``)
     over ``backend``, counting rejections and images for Prometheus."""
 
-    def _init_api(self, spec: ServeSpec, backend: Backend) -> None:
+    def _init_api(self, source: Source, spec: ServeSpec, backend: Backend) -> None:
+        check_replica_mode(spec.ingress_mode)  # raises ModeMismatch: a replica in the wrong mode never serves
+        self.source = source
         self.spec = spec
         self.backend = backend
         self.decoder = DecodePool(spec.sanitizer)
@@ -100,7 +117,7 @@ class ApiReplica:
 
     def __serve_build_asgi_app__(self):
         return make_api(self.spec, self.backend, on_reject=self._count_rejection, on_images=self.images.inc,
-                        echo_request_id=False, decoder=self.decoder)  # Serve's proxy sets and echoes X-Request-ID
+                        echo_request_id=False, decoder=self.decoder, model_input=self.source.model_input)  # Serve's proxy sets and echoes X-Request-ID
 
 
 @serve.deployment(name="Classifier")
@@ -130,7 +147,7 @@ class HandleBackend:
         return await self._call("describe")
 
     async def classify(self, image: np.ndarray, k: int) -> list[Label]:
-        return await self._call("infer", image, k)
+        return await self._call("classify", image, k)
 
 
 @serve.deployment(name="Ingress")
@@ -138,8 +155,8 @@ class HandleBackend:
 class Ingress(ApiReplica):
     """``topology: split``: sanitizes and decodes, then calls the Classifier deployment."""
 
-    def __init__(self, classifier: DeploymentHandle, spec: ServeSpec):
-        self._init_api(spec, HandleBackend(classifier, spec.classifier.retry_after_s))
+    def __init__(self, classifier: DeploymentHandle, source: Source, spec: ServeSpec):
+        self._init_api(source, spec, HandleBackend(classifier, spec.classifier.retry_after_s))
 
 
 class ReplicaBackend:
@@ -152,7 +169,7 @@ class ReplicaBackend:
         return self.replica.describe()
 
     async def classify(self, image: np.ndarray, k: int) -> list[Label]:
-        return await self.replica.infer(image, k)
+        return await self.replica.classify(image, k)
 
 
 @serve.deployment(name="Classifier")
@@ -163,7 +180,7 @@ class CombinedClassifier(ModelReplica, ApiReplica):
 
     def __init__(self, source: Source, spec: ServeSpec):
         ModelReplica.__init__(self, source, spec)
-        self._init_api(spec, ReplicaBackend(self))
+        self._init_api(source, spec, ReplicaBackend(self))
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -174,4 +191,4 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     if spec.topology == "combined":
         return CombinedClassifier.options(**spec.classifier.options(http_facing=True)).bind(source, spec)
     classifier = Classifier.options(**spec.classifier.options()).bind(source, spec)
-    return Ingress.options(**spec.ingress.options(http_facing=True)).bind(classifier, spec)
+    return Ingress.options(**spec.ingress.options(http_facing=True)).bind(classifier, source, spec)

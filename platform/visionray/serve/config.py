@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from visionray.serve.modes import IngressMode
 from visionray.spec_io import ALIAS_PATTERN, NAME_PATTERN, SpecError, Strict, format_errors, read_yaml, shown, validate_model
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
@@ -197,6 +198,11 @@ class ServeSpec(Strict):
         "split", description="split: an ingress deployment (sanitizer, decoding) calls the classifier replicas "
                              "through a handle, each autoscaled on its own; combined: one deployment (`classifier`) "
                              "sanitizes, decodes and classifies, one hop and one process per request fewer")
+    ingress_mode: IngressMode = Field(
+        "proxy", description="proxy: Serve's HTTP proxy forwards each request to an HTTP-facing replica; direct: "
+                             "each HTTP-facing replica listens itself (http_options.port, then the next ports), no "
+                             "proxy hop; throughput: direct plus Ray's throughput-optimized bundle. The cluster must "
+                             "start in that mode (visionray.serve.modes; `visionray serve` does it locally)")
     classifier: DeploymentSpec = Field(default_factory=DeploymentSpec, description="the model replicas")
     ingress: DeploymentSpec = Field(default_factory=_ingress_default, description="the HTTP ingress replicas (sanitizer, decoding)")
 
@@ -227,6 +233,11 @@ class ServeSpec(Strict):
                 f"classifier.max_ongoing_requests={self.classifier.max_ongoing_requests} is below "
                 f"batch.max_batch_size={self.batch.max_batch_size}: batches could never fill"
             )
+        if self.ingress_mode != "proxy" and self.http_facing.min_replicas < 1:
+            which = "classifier" if self.topology == "combined" else "ingress"
+            raise ValueError(f"ingress_mode={self.ingress_mode!r} needs {which}.min_replicas >= 1 (got 0): clients connect "
+                             "to the HTTP-facing replicas themselves, so with none running nothing listens on the port; "
+                             "scale the classifier to zero behind a split ingress instead, or use ingress_mode: proxy")
         if self.topology == "combined" and self.ingress != _ingress_default():
             raise ValueError("ingress is set but topology is 'combined': there is no separate ingress deployment; "
                              "configure the one deployment under classifier, or use topology: split")

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from visionray.checkpoint import CheckpointMeta
+from visionray.specs import EvalPreset
 from visionray.models import tta_logits
 from visionray.serve.config import ServeSpec
 from visionray.transforms import eval_transform
@@ -33,6 +34,7 @@ class Source:
     checkpoint: str | None
     public_keys: tuple[str, ...]
     allow_unsigned: bool
+    model_input: tuple[int, int] | None = None  # (channels, image size) as listed when the app was built
 
 
 UNSIGNED_BY = "allow_unsigned: true in the serve config and VISIONRAY_ALLOW_UNSIGNED=1 in the environment"
@@ -53,12 +55,32 @@ def resolve_source(spec: ServeSpec) -> Source:
                               "only); set both, or serve a signed registry model")
     unsigned = spec.allow_unsigned
     if spec.checkpoint is not None:
-        return Source(None, None, str(Path(spec.checkpoint).expanduser().resolve()), keys, unsigned)
+        from visionray.checkpoint import read_metadata
+
+        checkpoint = Path(spec.checkpoint).expanduser().resolve()
+        return Source(None, None, str(checkpoint), keys, unsigned, _input_of(read_metadata(checkpoint).eval_preset))
     root = spec.registry or default_registry_root()
     if "://" not in root:
         root = str(Path(root).expanduser().resolve())
     mv = Registry(root).resolve(spec.model, list(keys), allow_unsigned=unsigned)
-    return Source(f"{mv.name}@{mv.version}", root, None, keys, unsigned)
+    listed = _input_of(mv.metadata.eval_preset) if mv.metadata is not None else None
+    return Source(f"{mv.name}@{mv.version}", root, None, keys, unsigned, listed)
+
+
+def _input_of(preset: EvalPreset) -> tuple[int, int]:
+    return preset.channels, preset.image_size
+
+
+def check_input(source: Source, preset: EvalPreset) -> None:
+    """The verified model's input must be the one the app was built for (the ingress decodes for
+    it): listing metadata is read before verification, so a replica trusts it only when they agree."""
+    if source.model_input is not None and source.model_input != _input_of(preset):
+        raise InputMismatch(f"the verified model takes {_input_of(preset)} (channels, px) but the app was built for "
+                            f"{source.model_input} from the listed metadata; redeploy the app")
+
+
+class InputMismatch(RuntimeError):
+    """The verified model's input differs from what the app was built with."""
 
 
 class UnsignedRefused(ValueError):
