@@ -46,23 +46,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def keys(tmp_path_factory) -> tuple[Path, Path]:
-    prefix = tmp_path_factory.mktemp("keys") / "signer"
-    return generate_keys(prefix)
-
-
-@pytest.fixture(scope="session")
-def digits_registry(quickstart_run, tmp_path_factory, keys) -> Path:
-    """The session's quickstart run (the README's main job), registered (signed) as digits@best."""
-    from visionray.runs import best_checkpoint, run_dir
-
-    spec = quickstart_run[0]
-    root = tmp_path_factory.mktemp("registry")
-    Registry(str(root)).register(best_checkpoint(run_dir(spec)), "digits", alias="best", private_key=keys[0])
-    return root
-
-
 def app_args(registry: Path, keys, **over):
     args = {
         "model": "digits@best", "registry": str(registry), "public_keys": [str(keys[1])],

@@ -111,8 +111,11 @@ def serve_command(
     console.print(f"[green]ready[/] in {time.time() - start:.0f} s: {url}/v1/classify  (API docs {url}/docs, "
                   f"health {url}/healthz, {url}/readyz)")
     if local:
-        console.print("Ray's own CLI reaches this local cluster with its token: "
-                      "[bold]RAY_AUTH_MODE=token serve status[/] (the token is in ~/.ray/auth_token)")
+        import ray
+
+        console.print(f"Prometheus metrics: http://127.0.0.1:{ray.nodes()[0]['MetricsExportPort']}/metrics; Ray's own "
+                      "CLI reaches this local cluster with its token: [bold]RAY_AUTH_MODE=token serve status[/] "
+                      "(the token is in ~/.ray/auth_token)")
     if detach:
         console.print(f"detached; stop it with `serve delete {name}` or `serve shutdown`")
         return

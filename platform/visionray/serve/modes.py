@@ -48,7 +48,7 @@ def mode_env(mode: IngressMode, port: int, replicas: int) -> dict[str, str]:
         _DIRECT: "1",
         _BUNDLE: "1" if mode == "throughput" else "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + max(1, replicas) - 1),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + max(1, replicas)),  # exclusive: range(min, max)
         # without HAProxy nobody routes to a stale port: a replaced replica may take its port back at once
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(DRAIN_S),
