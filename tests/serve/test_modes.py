@@ -6,6 +6,7 @@ Prometheus has our counters, SIGTERM drains and stops it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -14,16 +15,22 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from tests.helpers import REPO
 from tests.serve.test_app import free_port
 from tests.serve.test_sanitize import JPEG, PNG
+from visionray.cli import app as cli_app
 from visionray.serve.config import load_serve_spec
+from visionray.serve.grpc_api import SERVICER_FUNCTION, GrpcClient, GrpcError
 from visionray.serve.modes import FALLBACK_PORT_OFFSET, ModeMismatch, check_replica_mode, mode_env, running_mode
 from visionray.spec_io import SpecError
+
+runner = CliRunner()
 
 
 @pytest.mark.parametrize("mode", ["proxy", "direct", "throughput"])
@@ -100,6 +107,8 @@ def test_direct_mode_serves_from_the_replica_with_every_guarantee(digits_registr
                 classifier={"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 1,
                             "max_queued_requests": 1, "retry_after_s": 2})
     del args["ingress"]
+    grpc_port = free_port()
+    config["grpc_options"] = {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
     path = tmp_path / "direct.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
@@ -121,6 +130,18 @@ def test_direct_mode_serves_from_the_replica_with_every_guarantee(digits_registr
         bad = httpx.post(f"{url}/v1/classify", content=b"GIF89a....", headers={"content-type": "image/png"}, timeout=30)
         assert bad.status_code == 415 and bad.json()["code"] == "content_mismatch"
         assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+
+        # gRPC: the same model, the same refusals (the HTTP status's gRPC code, the same JSON as details)
+        with GrpcClient(f"127.0.0.1:{grpc_port}") as client:
+            answer = client.classify([PNG], top_k=3)
+            assert answer["model"] == {"name": "digits", "version": 1} and len(answer["results"][0]["top_k"]) == 3
+            with pytest.raises(GrpcError) as refused:
+                client.classify_one(b"GIF89a....", "image/png", 1)
+            assert refused.value.status == grpc.StatusCode.INVALID_ARGUMENT and refused.value.code == "content_mismatch"
+        png = tmp_path / "a.png"
+        png.write_bytes(PNG)
+        cli = runner.invoke(cli_app, ["predict", str(png), "--grpc", f"127.0.0.1:{grpc_port}", "--json"])
+        assert cli.exit_code == 0 and json.loads(cli.output)["model"]["name"] == "digits", cli.output
 
         async def burst():
             async with httpx.AsyncClient(timeout=30) as ac:

@@ -89,7 +89,7 @@ def serve_command(
     _stop_on_sigterm()  # after Ray's start: its core worker installs a SIGTERM handler of its own
     _warn_if_it_cannot_scale(spec)
     with _serve_start_quiet():
-        serve.start(http_options=http, proxy_location=raw.get("proxy_location", "HeadOnly"))
+        serve.start(http_options=http, grpc_options=raw.get("grpc_options"), proxy_location=raw.get("proxy_location", "HeadOnly"))
     console.print(f"[bold]visionray serve[/] {args.get('model') or args.get('checkpoint')} as application {name!r} ...")
     start = time.time()
     try:
@@ -110,6 +110,10 @@ def serve_command(
                       + f"; Serve's fallback proxy on {proxy}")
     console.print(f"[green]ready[/] in {time.time() - start:.0f} s: {url}/v1/classify  (API docs {url}/docs, "
                   f"health {url}/healthz, {url}/readyz)")
+    if raw.get("grpc_options", {}).get("grpc_servicer_functions"):
+        console.print(f"gRPC: visionray.v1.Classifier/Classify on port {raw['grpc_options'].get('port', 9000)} "
+                      f"(every interface: Serve's gRPC proxy takes no host), metadata application={name}; "
+                      f"`visionray predict --grpc HOST:PORT --app {name} IMAGE`")
     if local:
         import ray
 
@@ -189,25 +193,34 @@ def predict_command(
     url: str = typer.Option(os.environ.get("VISIONRAY_URL", DEFAULT_URL), "--url", help="server URL (default $VISIONRAY_URL or http://127.0.0.1:8000)"),
     top_k: int = typer.Option(5, "--top-k", min=1, help="labels per image"),
     api_key: Optional[str] = ApiKeyOption,
+    grpc_address: Optional[str] = typer.Option(None, "--grpc", metavar="HOST:PORT",
+                                               help="call the gRPC ingress there instead of HTTP (one RPC per image)"),
+    app_name: str = typer.Option("visionray", "--app", help="with --grpc: the Serve application's name"),
     as_json: bool = typer.Option(False, "--json", help="print the server's JSON"),
 ) -> None:
     """Classify images with a running `visionray serve` (retries while it answers 503)."""
     import httpx
 
     from visionray.serve.client import Client, ServeError
+    from visionray.serve.grpc_api import GrpcClient, GrpcError
 
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         fail([f"{p}: no such file" for p in missing])
+    where = grpc_address or url
     try:
-        with Client(url, api_key=api_key) as client:
+        with (GrpcClient(grpc_address, app=app_name, api_key=api_key) if grpc_address else Client(url, api_key=api_key)) as client:
             result = client.classify(list(images), top_k=top_k)
     except ValueError as exc:
         fail(str(exc))
+    except GrpcError as exc:
+        if exc.request_id is None:  # not one of our refusals: gRPC's own (no server, no such application)
+            fail(f"{where}: {exc}", "cannot reach the service", code=1)
+        fail(str(exc), "the server refused", code=1)
     except ServeError as exc:
         fail(str(exc), "the server refused", code=1)
     except httpx.HTTPError as exc:
-        fail(f"{url}: {type(exc).__name__}: {exc}", "cannot reach the server", code=1)
+        fail(f"{where}: {type(exc).__name__}: {exc}", "cannot reach the server", code=1)
     if as_json:
         print(json.dumps(result))
         return

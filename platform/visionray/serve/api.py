@@ -28,7 +28,7 @@ from visionray.serve.config import ServeSpec
 from visionray.serve.predictor import Label, Predictor
 from visionray.serve.errors import Rejection
 from visionray.serve.pool import DecodePool
-from visionray.serve.sanitize import SanitizerMiddleware, check_type, load_api_keys, media_type
+from visionray.serve.sanitize import Gate, SanitizerMiddleware, check_type, load_api_keys, media_type
 from visionray.serve.structure import inspect
 
 logger = logging.getLogger(__name__)
@@ -187,15 +187,24 @@ def _add_probes(app: FastAPI, spec: ServeSpec, backend: Backend) -> None:
         return {"status": "ready", "model": {"name": m["name"], "version": m["version"]}}
 
 
+def make_gate(spec: ServeSpec) -> Gate:
+    """The HTTP-facing replica's gate: its keys (a misconfigured key source raises), rate limits and
+    admission limit."""
+    facing = spec.http_facing
+    return Gate(load_api_keys(spec.auth), spec.rate_limit, facing.admission_limit, facing.retry_after_s)
+
+
 def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None] = lambda code: None,
              on_images: Callable[[int], None] = lambda n: None, echo_request_id: bool = True,
-             decoder: DecodePool | None = None, model_input: tuple[int, int] | None = None) -> FastAPI:
+             decoder: DecodePool | None = None, model_input: tuple[int, int] | None = None,
+             gate: Gate | None = None) -> FastAPI:
     """The ASGI app: routes, error handlers and the sanitizer middleware. ``echo_request_id``:
     add X-Request-ID to responses (Serve's proxy does that itself). ``decoder``: the replica's
     started pool of sandboxed decoders; by default one that starts on the first image.
     ``model_input``: (channels, image size) the images are decoded for, known when the app is
-    built; by default asked of the backend once."""
-    keys = load_api_keys(spec.auth)  # a misconfigured key source fails here, when the replica starts
+    built; by default asked of the backend once. ``gate``: the replica's admission limit, keys
+    and rate limits (shared with its gRPC ingress); by default one from ``spec``."""
+    gate = gate or make_gate(spec)  # a misconfigured key source fails here, when the replica starts
     decoder = decoder or DecodePool(spec.sanitizer)
 
     @asynccontextmanager
@@ -255,7 +264,6 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
         return {"models": [m], "limits": spec.sanitizer.model_dump(mode="json")}
 
     _add_probes(app, spec, backend)
-    app.add_middleware(SanitizerMiddleware, spec=spec.sanitizer, keys=keys, rate=spec.rate_limit, on_reject=on_reject,
-                       echo_request_id=echo_request_id, admission_limit=spec.http_facing.admission_limit,
-                       retry_after_s=spec.http_facing.retry_after_s)
+    app.add_middleware(SanitizerMiddleware, spec=spec.sanitizer, gate=gate, on_reject=on_reject,
+                       echo_request_id=echo_request_id)
     return app

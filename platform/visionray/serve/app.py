@@ -40,9 +40,10 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
 from visionray.models import TTA_VIEWS
-from visionray.serve.api import Backend, make_api
+from visionray.serve.api import Backend, make_api, make_gate
 from visionray.serve.config import ServeSpec, load_serve_spec
 from visionray.serve.errors import Rejection
+from visionray.serve.grpc_api import GrpcClassify
 from visionray.serve.modes import check_replica_mode
 from visionray.serve.predictor import Label, Predictor, Source, check_input, load_source, pick_device, resolve_source
 from visionray.serve.pool import DecodePool
@@ -111,13 +112,32 @@ class ApiReplica:
         self.rejected = Counter("visionray_serve_rejected_total", description="requests refused, by reason",
                                 tag_keys=("reason",))
         self.images = Counter("visionray_serve_images_total", description="images classified")
+        self.gate = make_gate(spec)  # HTTP and gRPC share the admission limit, keys and rate limits
+        self.model_info: dict[str, Any] = {}
+        self.grpc = GrpcClassify(spec, self.gate, self.decoder.decode, backend.classify, self._model_info,
+                                 self._model_input, self._count_rejection, self.images.inc)
+
+    async def _model_info(self) -> dict[str, Any]:
+        if not self.model_info:
+            self.model_info.update(await self.backend.info())
+        return self.model_info
+
+    async def _model_input(self) -> tuple[int, int]:
+        if self.source.model_input is not None:
+            return self.source.model_input
+        wanted = (await self._model_info())["input"]
+        return wanted["channels"], wanted["image_size"]
+
+    async def Classify(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - the gRPC method's name
+        """``visionray.v1.Classifier/Classify`` (``visionray.serve.grpc_api``), via Serve's gRPC proxy."""
+        return await self.grpc(request, grpc_context)
 
     def _count_rejection(self, reason: str) -> None:
         self.rejected.inc(tags={"reason": reason})
 
     def __serve_build_asgi_app__(self):
         return make_api(self.spec, self.backend, on_reject=self._count_rejection, on_images=self.images.inc,
-                        echo_request_id=False, decoder=self.decoder, model_input=self.source.model_input)  # Serve's proxy sets and echoes X-Request-ID
+                        echo_request_id=False, decoder=self.decoder, model_input=self.source.model_input, gate=self.gate)  # Serve's proxy sets and echoes X-Request-ID
 
 
 @serve.deployment(name="Classifier")

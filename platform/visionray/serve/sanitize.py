@@ -16,6 +16,7 @@ Nothing here fetches URLs: an image only ever arrives as the request body.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import logging
@@ -25,7 +26,7 @@ import time
 import uuid
 from collections import OrderedDict
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterator
 
 from visionray.serve.config import AuthSpec, RateLimitSpec, SanitizerSpec
 from visionray.serve.errors import Rejection, error_body
@@ -142,6 +143,72 @@ class RateLimiter:
         return wait
 
 
+class Gate:
+    """A replica's door, shared by its HTTP and gRPC ingress: the admission limit (503
+    ``overloaded``), API keys (401; failed keys throttled per address, 429) and the per-client
+    rate limit (429). One per replica, so every protocol counts against the same limits."""
+
+    def __init__(self, keys: list[bytes], rate: RateLimitSpec, admission_limit: int | None = None,
+                 retry_after_s: int = 1):
+        """``keys``: accepted API keys (``load_api_keys``); empty: no authentication.
+        ``admission_limit``: requests (probes and docs aside) the replica holds at once."""
+        self.keys = keys
+        self.limiter = RateLimiter(rate)
+        self.failed_auth = RateLimiter(RateLimitSpec(requests_per_s=rate.failed_auth_per_s, burst=rate.failed_auth_burst,
+                                                     max_clients=rate.max_clients))
+        self.admission_limit = admission_limit
+        self.retry_after = {"Retry-After": str(max(1, retry_after_s))}
+        self.in_flight = 0  # admitted requests the replica holds (its event loop only)
+
+    def enter(self) -> None:
+        """Take one of the replica's admission slots (``leave`` gives it back); 503 ``overloaded``
+        when none is free."""
+        if self.admission_limit is not None and self.in_flight >= self.admission_limit:
+            raise Rejection(503, "overloaded", f"this replica holds {self.admission_limit} requests already "
+                            f"(max_ongoing_requests + max_queued_requests); retry in {self.retry_after['Retry-After']} s",
+                            self.retry_after)
+        self.in_flight += 1
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+
+    @contextlib.contextmanager
+    def admitted(self) -> Iterator[None]:
+        """An admission slot held for the block."""
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    @staticmethod
+    def presented_key(headers: dict[bytes, bytes]) -> bytes | None:
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            return auth[7:].strip()
+        return headers.get(b"x-api-key")
+
+    def check_client(self, headers: dict[bytes, bytes], address: str) -> None:
+        """The API key (when auth is on) and the client's rate limit; raises ``Rejection``."""
+        address = "addr:" + address
+        client = address  # with auth off every made-up key would be a bucket of its own: the address decides
+        if self.keys:
+            wait = self.failed_auth.peek(address)
+            if wait > 0:  # guessing keys: no key from this address is even checked until it waits
+                raise Rejection(429, "auth_throttled", f"too many failed API keys from this address; retry in {wait:.2f} s",
+                                {"Retry-After": str(max(1, int(wait + 0.999)))})
+            key = self.presented_key(headers)
+            if key is None or not any(hmac.compare_digest(key, k) for k in self.keys):
+                self.failed_auth.acquire(address)
+                raise Rejection(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
+                                {"WWW-Authenticate": "Bearer"})
+            client = "key:" + hashlib.sha256(key).hexdigest()[:16]
+        wait = self.limiter.acquire(client)
+        if wait > 0:
+            raise Rejection(429, "rate_limited", f"too many requests; retry in {wait:.2f} s",
+                            {"Retry-After": str(max(1, int(wait + 0.999)))})
+
+
 # --------------------------------------------------------------------------- ASGI middleware
 
 
@@ -164,22 +231,13 @@ class SanitizerMiddleware:
     ``echo_request_id`` (off behind Serve's proxy, which echoes it itself), in the response headers.
     """
 
-    def __init__(self, app: Callable, spec: SanitizerSpec, keys: list[bytes], rate: RateLimitSpec,
-                 on_reject: Callable[[str], None] = lambda code: None, echo_request_id: bool = True,
-                 admission_limit: int | None = None, retry_after_s: int = 1):
-        """``keys``: accepted API keys (``load_api_keys``); empty: no authentication.
-        ``admission_limit``: requests (probes and docs aside) this replica holds at once; one more
-        gets 503 ``overloaded`` with Retry-After ``retry_after_s`` before anything else is read."""
+    def __init__(self, app: Callable, spec: SanitizerSpec, gate: Gate,
+                 on_reject: Callable[[str], None] = lambda code: None, echo_request_id: bool = True):
+        """``gate``: the replica's admission limit, API keys and rate limits."""
         self.app = app
-        self.admission_limit = admission_limit
-        self.retry_after = {"Retry-After": str(max(1, retry_after_s))}
-        self.in_flight = 0  # gated requests this replica holds (its event loop only)
         self.echo_request_id = echo_request_id
         self.spec = spec
-        self.keys = keys
-        self.limiter = RateLimiter(rate)
-        self.failed_auth = RateLimiter(RateLimitSpec(requests_per_s=rate.failed_auth_per_s, burst=rate.failed_auth_burst,
-                                                     max_clients=rate.max_clients))
+        self.gate = gate
         self.on_reject = on_reject
         self.unfinished: dict[str, int] = {}  # client address -> bodies still arriving (this replica's event loop)
 
@@ -195,18 +253,19 @@ class SanitizerMiddleware:
                 message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
             await send(message)
 
-        gated = app_path(scope) not in OPEN_PATHS
-        if gated and self.admission_limit is not None and self.in_flight >= self.admission_limit:
-            self.on_reject("overloaded")
-            await self._reject(send_with_id, Rejection(
-                503, "overloaded", f"this replica holds {self.admission_limit} requests already (max_ongoing_requests + "
-                f"max_queued_requests); retry in {self.retry_after['Retry-After']} s", self.retry_after), request_id)
-            return
-        self.in_flight += gated
+        gated = app_path(scope) not in OPEN_PATHS  # probes and docs are never held back by load
+        if gated:
+            try:
+                self.gate.enter()
+            except Rejection as rej:
+                self.on_reject(rej.code)
+                await self._reject(send_with_id, rej, request_id)
+                return
         try:
             await self._admitted(scope, receive, send_with_id, request_id)
         finally:
-            self.in_flight -= gated
+            if gated:
+                self.gate.leave()
 
     async def _admitted(self, scope: dict, receive: Callable[[], Awaitable[dict]], send: Callable, request_id: str) -> None:
         try:
@@ -238,13 +297,6 @@ class SanitizerMiddleware:
         await send({"type": "http.response.start", "status": rej.status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    @staticmethod
-    def _presented_key(headers: dict[bytes, bytes]) -> bytes | None:
-        auth = headers.get(b"authorization", b"")
-        if auth[:7].lower() == b"bearer ":
-            return auth[7:].strip()
-        return headers.get(b"x-api-key")
-
     async def _admit(self, scope: dict) -> None:
         headers: dict[bytes, bytes] = {}
         for k, v in scope.get("headers", []):
@@ -252,25 +304,8 @@ class SanitizerMiddleware:
             if k in headers and k in (b"content-length", b"content-type", b"authorization", b"x-api-key"):
                 raise Rejection(400, "duplicate_header", f"header {k.decode()} is sent twice")
             headers[k] = v
-        if app_path(scope) in OPEN_PATHS:
-            return self._check_encoding_and_length(headers)
-        address = "addr:" + _address(scope)
-        client = address  # with auth off every made-up key would be a bucket of its own: the address decides
-        if self.keys:
-            wait = self.failed_auth.peek(address)
-            if wait > 0:  # guessing keys: no key from this address is even checked until it waits
-                raise Rejection(429, "auth_throttled", f"too many failed API keys from this address; retry in {wait:.2f} s",
-                                {"Retry-After": str(max(1, int(wait + 0.999)))})
-            key = self._presented_key(headers)
-            if key is None or not any(hmac.compare_digest(key, k) for k in self.keys):
-                self.failed_auth.acquire(address)
-                raise Rejection(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY or X-API-Key: KEY)",
-                                {"WWW-Authenticate": "Bearer"})
-            client = "key:" + hashlib.sha256(key).hexdigest()[:16]
-        wait = self.limiter.acquire(client)
-        if wait > 0:
-            raise Rejection(429, "rate_limited", f"too many requests; retry in {wait:.2f} s",
-                            {"Retry-After": str(max(1, int(wait + 0.999)))})
+        if app_path(scope) not in OPEN_PATHS:
+            self.gate.check_client(headers, _address(scope))
         self._check_encoding_and_length(headers)
 
     def _check_encoding_and_length(self, headers: dict[bytes, bytes]) -> None:
