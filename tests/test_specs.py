@@ -45,7 +45,9 @@ def test_good_specs(raw):
 
 BAD = [  # (raw spec, words the one error line must contain)
     ({"optim": {"lr": -1}}, ["optim.lr", "greater than 0", "-1"]),
-    ({"optim": {"name": "rmsprop"}}, ["optim.name", "'sgd', 'adam' or 'adamw'", "rmsprop"]),
+    ({"optim": {"name": "rmsprop"}}, ["optim.name", "'sgd', 'adam', 'adamw' or 'muon'", "rmsprop"]),
+    ({"optim": {"name": "sgd", "muon": {}}}, ["muon configures the muon optimiser", "'sgd'"]),
+    ({"optim": {"name": "muon", "muon": {"momentum": 1.0}}}, ["optim.muon.momentum", "1.0"]),
     ({"optim": {"epochs": 2, "warmup_epochs": 3}}, ["optim", "warmup_epochs=3", "epochs=2"]),
     ({"optim": {"lrr": 0.1}}, ["optim.lrr", "unknown field"]),
     ({"model": {"name": "vgg"}}, ["model", "unknown model 'vgg'", "convnet", "seed_cnn"]),

@@ -155,6 +155,18 @@ class LookaheadSpec(Strict):
     power: float = Field(3.0, ge=0.0, le=10.0, description="that weight ramps up as decay * (step / total steps) ** power")
 
 
+class MuonSpec(Strict):
+    """Muon for the convolution filters (airbench94_muon's): each filter bank's update, after
+    momentum, is orthogonalised by Newton-Schulz iterations, and the bank is kept at unit RMS per
+    filter (the BatchNorm after it makes its scale free). Every other parameter takes SGD with
+    nesterov momentum at ``optim.lr``/``optim.momentum``."""
+
+    lr: float = Field(0.24, gt=0.0, le=100.0, description="learning rate of the conv filters (not scaled by batch size)")
+    momentum: float = Field(0.6, ge=0.0, lt=1.0, description="momentum of the conv filters' updates")
+    nesterov: bool = Field(True, description="nesterov momentum for the conv filters")
+    ns_steps: int = Field(5, ge=1, le=20, description="Newton-Schulz iterations per update")
+
+
 class OneCycleSpec(Strict):
     """The shape of the ``onecycle`` schedule: lr factors 0 -> 1 -> 0 by default; airbench94's is
     0.2 -> 1 at 23% of training -> 0.07."""
@@ -165,7 +177,9 @@ class OneCycleSpec(Strict):
 
 
 class OptimSpec(Strict):
-    name: Literal["sgd", "adam", "adamw"] = Field("adamw", description="sgd uses nesterov momentum")
+    name: Literal["sgd", "adam", "adamw", "muon"] = Field("adamw", description="sgd uses nesterov momentum; muon: Muon "
+                                                           "for conv filters (`muon`), sgd for the rest")
+    muon: MuonSpec | None = Field(None, description="Muon's own parameters (name: muon; default {} )")
     epochs: int = Field(10, ge=1, le=10_000)
     batch_size: int = Field(64, ge=1, le=65536, description="images per worker per step")
     lr: float = Field(4e-3, gt=0.0, le=100.0, description="learning rate per 256 images of global batch")
@@ -195,6 +209,10 @@ class OptimSpec(Strict):
         if self.onecycle is not None and self.warmup_epochs:
             raise ValueError(f"warmup_epochs={self.warmup_epochs} and onecycle both shape the rise of the lr; "
                              "use onecycle.start and onecycle.peak_at alone")
+        if self.muon is not None and self.name != "muon":
+            raise ValueError(f"muon configures the muon optimiser, but name is {self.name!r}; drop muon or set name: muon")
+        if self.name == "muon" and self.muon is None:
+            self.muon = MuonSpec()
         for b in self.betas:
             if not 0.0 <= b < 1.0:
                 raise ValueError(f"betas={list(self.betas)}: each must be in [0, 1)")

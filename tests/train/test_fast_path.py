@@ -4,6 +4,7 @@ On CPU they must stay correct; their speed is measured in benchmarks/, not here.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -191,6 +192,58 @@ def test_airbench_net_follows_airbench94():
     assert {id(p) for g in scaled.param_groups for p in g["params"]} == trainable
     assert {id(p) for p in scaled.param_groups[2]["params"]} == {id(m.bias) for m in norms}
     assert scaled.param_groups[2]["lr"] == pytest.approx(6.4) and scaled.param_groups[2]["weight_decay"] == 0.0
+
+
+def test_muon_orthogonalises_conv_filter_updates_and_resumes_from_its_state():
+    """optim.name: muon: the conv filters (4-D) in groups of their own at muon.lr, every update of
+    theirs a near-orthogonal matrix per filter bank and the bank at unit RMS per filter; the rest
+    SGD. A state dict written the checkpoint's way (safetensors + JSON) continues the same steps."""
+    import tempfile
+
+    from visionray.checkpoint import load_train_state, save_train_state
+    from visionray.models import create_model
+    from visionray.specs import MuonSpec, OptimSpec
+    from visionray.train.optim import build_optimizer, orthogonalise
+
+    g = torch.randn(16, 72, generator=torch.Generator().manual_seed(0))
+    o = orthogonalise(g, steps=5)
+    singular = torch.linalg.svdvals(o)
+    assert singular.min() > 0.5 and singular.max() < 1.5  # Newton-Schulz: every singular value near 1
+
+    def trained(steps: int, optimizer_state=None):
+        torch.manual_seed(0)
+        model = create_model("airbench", 10, 3, 32, width=16)
+        opt = build_optimizer(OptimSpec(name="muon", muon=MuonSpec(lr=0.2)), model, 0.05)
+        if optimizer_state is not None:
+            opt.load_state_dict(optimizer_state)
+        x, y = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        return model, opt
+
+    model, opt = trained(2)
+    muon = [g for g in opt.param_groups if g["muon"]]
+    assert muon and all(p.ndim == 4 for g in muon for p in g["params"]) and all(g["lr"] == 0.2 for g in muon)
+    assert all(p.ndim != 4 for g in opt.param_groups if not g["muon"] for p in g["params"])
+    filters = muon[0]["params"][0]
+    assert filters.detach().flatten(1).norm() ** 2 / len(filters) == pytest.approx(1.0, rel=0.2)  # unit RMS per filter
+
+    with tempfile.TemporaryDirectory() as tmp:  # resume: 2 steps, save, load, 1 more == 3 steps straight
+        save_train_state(Path(tmp), {"optimizer": opt.state_dict(), "model": model.state_dict()})
+        state = load_train_state(Path(tmp))
+    resumed = create_model("airbench", 10, 3, 32, width=16)
+    resumed.load_state_dict(state["model"])
+    opt2 = build_optimizer(OptimSpec(name="muon", muon=MuonSpec(lr=0.2)), resumed, 0.05)
+    opt2.load_state_dict(state["optimizer"])
+    x, y = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(1)), torch.arange(8) % 10
+    opt2.zero_grad()
+    torch.nn.functional.cross_entropy(resumed(x), y).backward()
+    opt2.step()
+    straight, _ = trained(3)
+    for a, b in zip(resumed.state_dict().values(), straight.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-5)
 
 
 def test_lookahead_pulls_weights_to_their_running_average():

@@ -43,10 +43,71 @@ def build_optimizer(optim: OptimSpec, model: nn.Module, lr: float) -> torch.opti
     if scale_norm_biases:
         groups.append({"params": scaled, "weight_decay": 0.0, "lr": lr * optim.norm_bias_lr_scale})
     groups += stopping
+    if optim.name == "muon":
+        return Muon(muon_groups(groups, optim, lr), lr=lr, momentum=optim.momentum, spec=optim.muon)
     if optim.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=optim.momentum, nesterov=optim.momentum > 0)
     cls = torch.optim.Adam if optim.name == "adam" else torch.optim.AdamW
     return cls(groups, lr=lr, betas=optim.betas)
+
+
+def muon_groups(groups: list[dict[str, Any]], optim: OptimSpec, lr: float) -> list[dict[str, Any]]:
+    """The conv filters (4-D weights) of every group move into a Muon group of their own, at
+    ``muon.lr``, with the decay of the group they came from; the rest keep theirs (SGD)."""
+    out = []
+    for group in groups:
+        filters = [p for p in group["params"] if p.ndim == 4]
+        rest = [p for p in group["params"] if p.ndim != 4]
+        extra = {k: v for k, v in group.items() if k != "params"}
+        if filters:
+            out.append({**extra, "params": filters, "muon": True, "lr": optim.muon.lr})
+        if rest:
+            out.append({**extra, "params": rest, "muon": False})
+    return out
+
+
+def orthogonalise(g: torch.Tensor, steps: int, eps: float = 1e-7) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to ``g`` (2-D), by Muon's quintic Newton-Schulz iteration."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g / (g.norm() + eps)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """airbench94_muon's optimiser in one ``torch.optim.Optimizer`` (one state dict, one schedule
+    per group): groups marked ``muon`` (conv filters) take momentum, then the orthogonalised
+    update, the filter bank kept at unit RMS per filter; the others SGD with nesterov momentum."""
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float, momentum: float, spec: Any):
+        super().__init__(groups, {"lr": lr, "momentum": momentum, "weight_decay": 0.0, "muon": False,
+                                  "muon_momentum": spec.momentum, "nesterov": spec.nesterov, "ns_steps": spec.ns_steps})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            momentum = group["muon_momentum"] if group["muon"] else group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad if not group["weight_decay"] or group["muon"] else p.grad.add(p, alpha=group["weight_decay"])
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = torch.zeros_like(g)
+                buf.mul_(momentum).add_(g)
+                g = g.add(buf, alpha=momentum) if group["nesterov"] or not group["muon"] else buf
+                if group["muon"]:
+                    p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))  # unit RMS per filter: BatchNorm follows
+                    g = orthogonalise(g.reshape(len(g), -1), group["ns_steps"]).view(g.shape)
+                p.add_(g, alpha=-group["lr"])
+        return loss
 
 
 def lr_factor(optim: OptimSpec, steps_per_epoch: int) -> Callable[[int], float]:
