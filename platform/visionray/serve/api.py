@@ -57,6 +57,26 @@ class LocalBackend:
         return (await asyncio.to_thread(self.predictor.predict, [image], k))[0]
 
 
+class ModelFacts:
+    """The served model's metadata, asked of the backend once, and the input images are decoded
+    for: ``model_input`` (channels, size) when the app knew it when built, else from the metadata."""
+
+    def __init__(self, backend: Backend, model_input: tuple[int, int] | None = None):
+        self.backend, self.model_input = backend, model_input
+        self.cached: dict[str, Any] = {}
+
+    async def info(self) -> dict[str, Any]:
+        if not self.cached:
+            self.cached.update(await self.backend.info())
+        return self.cached
+
+    async def input(self) -> tuple[int, int]:
+        if self.model_input is not None:
+            return self.model_input
+        wanted = (await self.info())["input"]
+        return wanted["channels"], wanted["image_size"]
+
+
 # --------------------------------------------------------------------------- response schemas
 
 
@@ -196,13 +216,13 @@ def make_gate(spec: ServeSpec) -> Gate:
 
 def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None] = lambda code: None,
              on_images: Callable[[int], None] = lambda n: None, echo_request_id: bool = True,
-             decoder: DecodePool | None = None, model_input: tuple[int, int] | None = None,
+             decoder: DecodePool | None = None, facts: ModelFacts | None = None,
              gate: Gate | None = None) -> FastAPI:
     """The ASGI app: routes, error handlers and the sanitizer middleware. ``echo_request_id``:
     add X-Request-ID to responses (Serve's proxy does that itself). ``decoder``: the replica's
     started pool of sandboxed decoders; by default one that starts on the first image.
-    ``model_input``: (channels, image size) the images are decoded for, known when the app is
-    built; by default asked of the backend once. ``gate``: the replica's admission limit, keys
+    ``facts``: the model's metadata and input (shared with the replica's gRPC ingress); by
+    default asked of the backend once. ``gate``: the replica's admission limit, keys
     and rate limits (shared with its gRPC ingress); by default one from ``spec``."""
     gate = gate or make_gate(spec)  # a misconfigured key source fails here, when the replica starts
     decoder = decoder or DecodePool(spec.sanitizer)
@@ -217,12 +237,8 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
         description="Image classification with a signed VisionRay model. Images arrive only as the request body "
                     "(never fetched from URLs); see the sanitizer limits in the serve config.",
     )
-    model_info: dict[str, Any] = {}
-
-    async def info() -> dict[str, Any]:
-        if not model_info:
-            model_info.update(await backend.info())
-        return model_info
+    facts = facts or ModelFacts(backend)
+    info = facts.info
 
     _add_error_handlers(app, on_reject)
 
@@ -241,11 +257,7 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
         if pixels > spec.sanitizer.max_request_pixels:
             raise Rejection(413, "too_many_pixels", f"the {len(parts)} images declare {pixels} pixels together; the "
                             f"limit per request is {spec.sanitizer.max_request_pixels} (sanitizer.max_request_pixels)")
-        if model_input is not None:
-            channels, size = model_input
-        else:
-            wanted = (await info())["input"]
-            channels, size = wanted["channels"], wanted["image_size"]
+        channels, size = await facts.input()
         images = await asyncio.gather(*(decoder.decode(data, d, channels, size, h)
                                         for (_, _, data), d, h in zip(parts, declared, headers)))
         labels = await asyncio.gather(*(backend.classify(im, top_k) for im in images))

@@ -40,7 +40,7 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter
 
 from visionray.models import TTA_VIEWS
-from visionray.serve.api import Backend, make_api, make_gate
+from visionray.serve.api import Backend, ModelFacts, make_api, make_gate
 from visionray.serve.config import ServeSpec, load_serve_spec
 from visionray.serve.errors import Rejection
 from visionray.serve.grpc_api import GrpcClassify
@@ -103,7 +103,6 @@ class ApiReplica:
 
     def _init_api(self, source: Source, spec: ServeSpec, backend: Backend) -> None:
         check_replica_mode(spec.ingress_mode)  # raises ModeMismatch: a replica in the wrong mode never serves
-        self.source = source
         self.spec = spec
         self.backend = backend
         self.decoder = DecodePool(spec.sanitizer)
@@ -113,20 +112,9 @@ class ApiReplica:
                                 tag_keys=("reason",))
         self.images = Counter("visionray_serve_images_total", description="images classified")
         self.gate = make_gate(spec)  # HTTP and gRPC share the admission limit, keys and rate limits
-        self.model_info: dict[str, Any] = {}
-        self.grpc = GrpcClassify(spec, self.gate, self.decoder.decode, backend.classify, self._model_info,
-                                 self._model_input, self._count_rejection, self.images.inc)
-
-    async def _model_info(self) -> dict[str, Any]:
-        if not self.model_info:
-            self.model_info.update(await self.backend.info())
-        return self.model_info
-
-    async def _model_input(self) -> tuple[int, int]:
-        if self.source.model_input is not None:
-            return self.source.model_input
-        wanted = (await self._model_info())["input"]
-        return wanted["channels"], wanted["image_size"]
+        self.facts = ModelFacts(backend, source.model_input)  # one metadata cache for HTTP and gRPC
+        self.grpc = GrpcClassify(spec, self.gate, self.decoder.decode, backend.classify, self.facts.info,
+                                 self.facts.input, self._count_rejection, self.images.inc)
 
     async def Classify(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - the gRPC method's name
         """``visionray.v1.Classifier/Classify`` (``visionray.serve.grpc_api``), via Serve's gRPC proxy."""
@@ -137,7 +125,7 @@ class ApiReplica:
 
     def __serve_build_asgi_app__(self):
         return make_api(self.spec, self.backend, on_reject=self._count_rejection, on_images=self.images.inc,
-                        echo_request_id=False, decoder=self.decoder, model_input=self.source.model_input, gate=self.gate)  # Serve's proxy sets and echoes X-Request-ID
+                        echo_request_id=False, decoder=self.decoder, facts=self.facts, gate=self.gate)  # Serve's proxy sets and echoes X-Request-ID
 
 
 @serve.deployment(name="Classifier")
