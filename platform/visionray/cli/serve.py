@@ -110,7 +110,7 @@ def serve_command(
                       + f"; Serve's fallback proxy on {proxy}")
     console.print(f"[green]ready[/] in {time.time() - start:.0f} s: {url}/v1/classify  (API docs {url}/docs, "
                   f"health {url}/healthz, {url}/readyz)")
-    if raw.get("grpc_options", {}).get("grpc_servicer_functions"):
+    if (raw.get("grpc_options") or {}).get("grpc_servicer_functions"):
         console.print(f"gRPC: visionray.v1.Classifier/Classify on port {raw['grpc_options'].get('port', 9000)} "
                       f"(every interface: Serve's gRPC proxy takes no host), metadata application={name}; "
                       f"`visionray predict --grpc HOST:PORT --app {name} IMAGE`")
