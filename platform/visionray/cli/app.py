@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import typer
 
-from visionray.cli import cluster, data, registry, serve, train, tune
+from visionray.cli import cluster, data, monitor, registry, serve, train, tune
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train, tune and serve image CNNs on Ray.")
-for _group in (train, data, registry, serve, tune, cluster):
+for _group in (train, data, registry, serve, monitor, tune, cluster):
     _group.register(app)
 
 

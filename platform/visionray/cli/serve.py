@@ -14,6 +14,7 @@ import typer
 from rich.table import Table
 
 from visionray.cli.common import AddressOption, PROJECT_DIR, console, fail, fmt, user_errors
+from visionray.cli.registry import PublicKeyOption, RegistryOption
 
 DEFAULT_CONFIG = PROJECT_DIR / "serve" / "classifier.yaml"
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -189,21 +190,47 @@ def _serve_start_quiet() -> Iterator[None]:
 
 
 def predict_command(
-    images: list[Path] = typer.Argument(..., help="PNG, JPEG or WebP files (several go in one multipart request)"),
+    images: Optional[list[Path]] = typer.Argument(None, help="PNG, JPEG or WebP files (several go in one multipart request)"),
     url: str = typer.Option(os.environ.get("VISIONRAY_URL", DEFAULT_URL), "--url", help="server URL (default $VISIONRAY_URL or http://127.0.0.1:8000)"),
-    top_k: int = typer.Option(5, "--top-k", min=1, help="labels per image"),
+    top_k: int = typer.Option(5, "--top-k", min=1, max=1000, help="labels per image"),
     api_key: Optional[str] = ApiKeyOption,
     grpc_address: Optional[str] = typer.Option(None, "--grpc", metavar="HOST:PORT",
                                                help="call the gRPC ingress there instead of HTTP (one RPC per image)"),
     app_name: str = typer.Option("visionray", "--app", help="with --grpc: the Serve application's name"),
-    as_json: bool = typer.Option(False, "--json", help="print the server's JSON"),
+    batch: Optional[str] = typer.Option(None, "--batch", metavar="SRC", help="bulk scoring on Ray, no server: every image "
+                                        "of a folder, .tar/.tar.gz, pack manifest.json or s3://, gs:// prefix"),
+    output: Optional[str] = typer.Option(None, "--output", help="with --batch: the Parquet file of rows (resumed when it exists)"),
+    model: Optional[str] = typer.Option(None, "--model", help="with --batch: the registered model NAME@ALIAS or NAME@VERSION"),
+    registry: Optional[str] = RegistryOption,
+    public_key: list[Path] = PublicKeyOption,
+    batch_size: int = typer.Option(256, "--batch-size", min=1, max=65536, help="with --batch: images per forward pass"),
+    concurrency: int = typer.Option(1, "--concurrency", min=1, max=4096, help="with --batch: actors holding the model"),
+    cpus: float = typer.Option(1.0, "--cpus", min=0.0, max=256, help="with --batch: CPUs per actor"),
+    gpus: float = typer.Option(0.0, "--gpus", min=0.0, max=8, help="with --batch: GPUs per actor"),
+    decode_workers: int = typer.Option(2, "--decode-workers", min=1, max=64, help="with --batch: sandboxed decoders per actor"),
+    address: Optional[str] = AddressOption,
+    as_json: bool = typer.Option(False, "--json", help="print the server's JSON (with --batch: the run's summary)"),
 ) -> None:
-    """Classify images with a running `visionray serve` (retries while it answers 503)."""
+    """Classify images with a running `visionray serve`, or with --batch a folder, archive, pack or bucket into Parquet.
+
+    Against a server it retries while the server answers 503 or 429. With --batch it runs on Ray (no server): the
+    model verified, images decoded by the sandboxed sanitizer, one row per input; an existing OUT is resumed."""
     import httpx
 
     from visionray.serve.client import Client, ServeError
     from visionray.serve.grpc_api import GrpcClient, GrpcError
 
+    if batch is not None:
+        if images:
+            fail("give image files or --batch SRC, not both")
+        from visionray.cli.bulk import predict_batch
+
+        options = {"top_k": top_k, "batch_size": batch_size, "concurrency": concurrency, "num_cpus": cpus,
+                   "num_gpus": gpus, "sanitizer": {"decode_workers": decode_workers}}
+        predict_batch(batch, output, model, registry, public_key, options, address, as_json)
+        return
+    if not images:
+        fail("give one or more image files, or --batch SRC --output OUT.parquet --model NAME@ALIAS")
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         fail([f"{p}: no such file" for p in missing])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator, Callable, Protocol
 
@@ -27,7 +28,9 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from visionray.serve.config import ServeSpec
 from visionray.serve.predictor import Label, Predictor
 from visionray.serve.errors import Rejection
+from visionray.serve.monitor import PayloadLog
 from visionray.serve.pool import DecodePool
+from visionray.serve.rollout import Router
 from visionray.serve.sanitize import Gate, SanitizerMiddleware, check_type, load_api_keys, media_type
 from visionray.serve.structure import inspect
 
@@ -207,6 +210,23 @@ def _add_probes(app: FastAPI, spec: ServeSpec, backend: Backend) -> None:
         return {"status": "ready", "model": {"name": m["name"], "version": m["version"]}}
 
 
+def payload_rows(request: Request, parts: list, headers: list, labels: list, model: dict[str, Any], seconds: float,
+                 with_images: bool) -> list[dict[str, Any]]:
+    """The monitoring rows of one answered request (``visionray.serve.monitor.row_schema``)."""
+    from datetime import datetime, timezone
+
+    now = datetime.now(timezone.utc)
+    rows = []
+    for i, ((_, _, data), h, top) in enumerate(zip(parts, headers, labels)):
+        row = {"time": now, "request_id": request_id(request), "index": i, "bytes": len(data), "width": h.width,
+               "height": h.height, "label": top[0].label, "confidence": top[0].probability,
+               "latency_ms": seconds * 1000, "model": model["name"], "version": model["version"]}
+        if with_images:
+            row["image"] = data
+        rows.append(row)
+    return rows
+
+
 def make_gate(spec: ServeSpec) -> Gate:
     """The HTTP-facing replica's gate: its keys (a misconfigured key source raises), rate limits and
     admission limit."""
@@ -217,19 +237,28 @@ def make_gate(spec: ServeSpec) -> Gate:
 def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None] = lambda code: None,
              on_images: Callable[[int], None] = lambda n: None, echo_request_id: bool = True,
              decoder: DecodePool | None = None, facts: ModelFacts | None = None,
-             gate: Gate | None = None) -> FastAPI:
+             gate: Gate | None = None, router: Router | None = None, payload_log: PayloadLog | None = None,
+             rollout_counts: Callable[[], Any] | None = None) -> FastAPI:
     """The ASGI app: routes, error handlers and the sanitizer middleware. ``echo_request_id``:
     add X-Request-ID to responses (Serve's proxy does that itself). ``decoder``: the replica's
     started pool of sandboxed decoders; by default one that starts on the first image.
     ``facts``: the model's metadata and input (shared with the replica's gRPC ingress); by
     default asked of the backend once. ``gate``: the replica's admission limit, keys
-    and rate limits (shared with its gRPC ingress); by default one from ``spec``."""
+    and rate limits (shared with its gRPC ingress); by default one from ``spec``. ``router``:
+    which model answers (``visionray.serve.rollout``); by default ``backend`` alone.
+    ``payload_log``: sampled request rows (``spec.monitor``). ``rollout_counts``: the whole app's
+    rollout counts for ``/v1/rollout`` (default: this replica's)."""
     gate = gate or make_gate(spec)  # a misconfigured key source fails here, when the replica starts
     decoder = decoder or DecodePool(spec.sanitizer)
+    if payload_log is None and spec.monitor is not None:
+        payload_log = PayloadLog(spec.monitor)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
+        await router.flush()
+        if payload_log is not None:
+            await asyncio.to_thread(payload_log.flush)
         decoder.close()
 
     app = FastAPI(
@@ -239,6 +268,7 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
     )
     facts = facts or ModelFacts(backend)
     info = facts.info
+    router = router or Router((backend.classify, info), None, None)
 
     _add_error_handlers(app, on_reject)
 
@@ -246,6 +276,7 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
               summary="Classify one image (the body) or several (multipart/form-data)")
     async def classify(request: Request, top_k: int = Query(spec.top_k, ge=1, le=spec.max_top_k,
                                                              description="labels per image")) -> ClassifyResponse:
+        started = time.perf_counter()
         ctype = request.headers.get("content-type")
         if media_type(ctype) == "multipart/form-data":
             parts = await _multipart_parts(request, spec)
@@ -260,9 +291,11 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
         channels, size = await facts.input()
         images = await asyncio.gather(*(decoder.decode(data, d, channels, size, h)
                                         for (_, _, data), d, h in zip(parts, declared, headers)))
-        labels = await asyncio.gather(*(backend.classify(im, top_k) for im in images))
+        labels, m = await router.classify(list(images), top_k)
         on_images(len(images))
-        m = await info()
+        if payload_log is not None and payload_log.sampled():
+            payload_log.add(payload_rows(request, parts, headers, labels, m, time.perf_counter() - started,
+                                         payload_log.spec.log_images))
         return ClassifyResponse(
             request_id=request_id(request),
             model=ModelRef(name=m["name"], version=m["version"]),
@@ -274,6 +307,11 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
     async def models() -> dict[str, Any]:
         m = await info()
         return {"models": [m], "limits": spec.sanitizer.model_dump(mode="json")}
+
+    @app.get("/v1/rollout", summary="The rollout (canary or shadow) and what it counted: answers per version, "
+                                    "shadow agreement per class")
+    async def rollout() -> dict[str, Any]:
+        return await router.status(rollout_counts)
 
     _add_probes(app, spec, backend)
     app.add_middleware(SanitizerMiddleware, spec=spec.sanitizer, gate=gate, on_reject=on_reject,

@@ -41,6 +41,8 @@ from ray.serve.metrics import Counter
 
 from visionray.models import TTA_VIEWS
 from visionray.serve.api import Backend, ModelFacts, make_api, make_gate
+from visionray.serve.monitor import PayloadLog
+from visionray.serve.rollout import Candidate, Counts, Router, resolve_candidate
 from visionray.serve.config import ServeSpec, load_serve_spec
 from visionray.serve.errors import Rejection
 from visionray.serve.grpc_api import GrpcClassify
@@ -101,7 +103,7 @@ class ApiReplica:
     """What every HTTP-facing replica does: serve ``make_api`` (routes and ``SanitizerMiddleware``)
     over ``backend``, counting rejections and images for Prometheus."""
 
-    def _init_api(self, source: Source, spec: ServeSpec, backend: Backend) -> None:
+    def _init_api(self, source: Source, spec: ServeSpec, backend: Backend, rollout: "RolloutParts | None" = None) -> None:
         check_replica_mode(spec.ingress_mode)  # raises ModeMismatch: a replica in the wrong mode never serves
         self.spec = spec
         self.backend = backend
@@ -111,10 +113,45 @@ class ApiReplica:
         self.rejected = Counter("visionray_serve_rejected_total", description="requests refused, by reason",
                                 tag_keys=("reason",))
         self.images = Counter("visionray_serve_images_total", description="images classified")
+        self.answers = Counter("visionray_serve_answers_total", description="requests answered, by model version",
+                               tag_keys=("model", "version"))
         self.gate = make_gate(spec)  # HTTP and gRPC share the admission limit, keys and rate limits
         self.facts = ModelFacts(backend, source.model_input)  # one metadata cache for HTTP and gRPC
-        self.grpc = GrpcClassify(spec, self.gate, self.decoder.decode, backend.classify, self.facts.info,
-                                 self.facts.input, self._count_rejection, self.images.inc)
+        self.router = self._router(backend, rollout)
+        self.payload_log = PayloadLog(spec.monitor) if spec.monitor is not None else None
+        self.grpc = GrpcClassify(spec, self.gate, self.decoder.decode, self.router.classify, self.facts.input,
+                                 self._count_rejection, self.images.inc)
+
+    def _router(self, backend: Backend, rollout: "RolloutParts | None") -> Router:
+        def answered(model: str, version: str) -> None:
+            self.answers.inc(tags={"model": model, "version": version})
+
+        if rollout is None:
+            return Router((backend.classify, self.facts.info), None, None, on_answer=answered)
+        compared = Counter("visionray_shadow_compared_total", description="requests the shadow also classified, by "
+                           "the served model's top-1", tag_keys=("label",))
+        agreed = Counter("visionray_shadow_agreed_total", description="of those, the shadow's top-1 was the same",
+                         tag_keys=("label",))
+
+        def on_compare(label: str, same: bool) -> None:
+            compared.inc(tags={"label": label})
+            if same:
+                agreed.inc(tags={"label": label})
+
+        async def flush(delta: dict[str, Any]) -> None:
+            await rollout.stats.add.remote(delta)
+
+        candidate = None
+        if rollout.handle is not None:
+            other = HandleBackend(rollout.handle, self.spec.rollout.candidate.retry_after_s)
+            candidate = (other.classify, ModelFacts(other).info)
+        self.rollout_counts = rollout.stats.summary.remote
+        return Router((backend.classify, self.facts.info), candidate, rollout.candidate, on_answer=answered,
+                      on_compare=on_compare, flush=flush)
+
+    def _api_kwargs(self) -> dict[str, Any]:
+        return {"router": self.router, "payload_log": self.payload_log,
+                "rollout_counts": getattr(self, "rollout_counts", None)}
 
     async def Classify(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - the gRPC method's name
         """``visionray.v1.Classifier/Classify`` (``visionray.serve.grpc_api``), via Serve's gRPC proxy."""
@@ -125,7 +162,8 @@ class ApiReplica:
 
     def __serve_build_asgi_app__(self):
         return make_api(self.spec, self.backend, on_reject=self._count_rejection, on_images=self.images.inc,
-                        echo_request_id=False, decoder=self.decoder, facts=self.facts, gate=self.gate)  # Serve's proxy sets and echoes X-Request-ID
+                        echo_request_id=False, decoder=self.decoder, facts=self.facts, gate=self.gate,
+                        **self._api_kwargs())  # Serve's proxy sets and echoes X-Request-ID
 
 
 @serve.deployment(name="Classifier")
@@ -158,13 +196,37 @@ class HandleBackend:
         return await self._call("classify", image, k)
 
 
+class RolloutParts:
+    """What an HTTP-facing replica gets for a rollout: the candidate's handle (None when it was
+    refused), the app's ``RolloutStats`` and the rollout as built."""
+
+    def __init__(self, candidate: Candidate, handle: DeploymentHandle | None, stats: DeploymentHandle):
+        self.candidate, self.handle, self.stats = candidate, handle, stats
+
+
+@serve.deployment(name="RolloutStats", num_replicas=1, ray_actor_options={"num_cpus": 0})
+class RolloutStats:
+    """The whole app's rollout counts: every HTTP-facing replica sends its own every second."""
+
+    def __init__(self) -> None:
+        self.counts = Counts()
+
+    def add(self, delta: dict[str, Any]) -> None:
+        self.counts.merge(delta)
+
+    def summary(self) -> dict[str, Any]:
+        return self.counts.to_json()
+
+
 @serve.deployment(name="Ingress")
 @serve.ingress()
 class Ingress(ApiReplica):
     """``topology: split``: sanitizes and decodes, then calls the Classifier deployment."""
 
-    def __init__(self, classifier: DeploymentHandle, source: Source, spec: ServeSpec):
-        self._init_api(source, spec, HandleBackend(classifier, spec.classifier.retry_after_s))
+    def __init__(self, classifier: DeploymentHandle, source: Source, spec: ServeSpec, candidate: Candidate | None = None,
+                 candidate_handle: DeploymentHandle | None = None, stats: DeploymentHandle | None = None):
+        parts = RolloutParts(candidate, candidate_handle, stats) if candidate is not None else None
+        self._init_api(source, spec, HandleBackend(classifier, spec.classifier.retry_after_s), parts)
 
 
 class ReplicaBackend:
@@ -186,9 +248,11 @@ class CombinedClassifier(ModelReplica, ApiReplica):
     """``topology: combined``: one deployment sanitizes, decodes and classifies (batched across the
     replica's concurrent requests): no ingress -> classifier hop, no second process per request."""
 
-    def __init__(self, source: Source, spec: ServeSpec):
+    def __init__(self, source: Source, spec: ServeSpec, candidate: Candidate | None = None,
+                 candidate_handle: DeploymentHandle | None = None, stats: DeploymentHandle | None = None):
         ModelReplica.__init__(self, source, spec)
-        self._init_api(source, spec, ReplicaBackend(self))
+        parts = RolloutParts(candidate, candidate_handle, stats) if candidate is not None else None
+        self._init_api(source, spec, ReplicaBackend(self), parts)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
@@ -196,7 +260,14 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     ``args`` is validated as a ``ServeSpec``; the model alias is pinned to its current version."""
     spec = load_serve_spec(args)
     source = resolve_source(spec)
+    rollout: dict[str, Any] = {}
+    candidate = resolve_candidate(spec, source)  # verified here; a refused one gets no deployment and no traffic
+    if candidate is not None:
+        handle = None
+        if candidate.source is not None:
+            handle = Classifier.options(name="Candidate", **spec.rollout.candidate.options()).bind(candidate.source, spec)
+        rollout = {"candidate": candidate, "candidate_handle": handle, "stats": RolloutStats.bind()}
     if spec.topology == "combined":
-        return CombinedClassifier.options(**spec.classifier.options(http_facing=True)).bind(source, spec)
+        return CombinedClassifier.options(**spec.classifier.options(http_facing=True)).bind(source, spec, **rollout)
     classifier = Classifier.options(**spec.classifier.options()).bind(source, spec)
-    return Ingress.options(**spec.ingress.options(http_facing=True)).bind(classifier, source, spec)
+    return Ingress.options(**spec.ingress.options(http_facing=True)).bind(classifier, source, spec, **rollout)

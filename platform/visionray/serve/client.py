@@ -95,6 +95,9 @@ class Client:
     def models(self) -> dict[str, Any]:
         return self._send("GET", "/v1/models")
 
+    def rollout(self) -> dict[str, Any]:
+        return self._send("GET", "/v1/rollout")
+
 
 # --------------------------------------------------------------------------- load test
 

@@ -178,6 +178,46 @@ def _ingress_default() -> DeploymentSpec:
                           max_queued_requests=256, num_cpus=0.5)
 
 
+class RolloutSpec(Strict):
+    """A second registry version next to ``model``: a canary answers ``percent``% of requests; a
+    shadow classifies ``percent``% of requests too, off the response path, and agreement with the
+    served model is counted. Verified (signature and files) when the app is built: a candidate
+    that fails gets no traffic and ``/v1/rollout`` says why."""
+
+    canary: str | None = Field(None, description="NAME@VERSION (or NAME@ALIAS, pinned at build) answering percent% of requests")
+    shadow: str | None = Field(None, description="NAME@VERSION (or NAME@ALIAS) also classifying percent% of requests, answers discarded")
+    percent: float = Field(gt=0.0, le=100.0, description="share of requests for the candidate (%)")
+    candidate: DeploymentSpec = Field(default_factory=lambda: DeploymentSpec(min_replicas=1, max_replicas=2),
+                                      description="the candidate's model replicas")
+
+    @model_validator(mode="after")
+    def _one(self) -> "RolloutSpec":
+        if (self.canary is None) == (self.shadow is None):
+            raise ValueError(f"give exactly one of canary or shadow; got canary={self.canary!r}, shadow={self.shadow!r}")
+        if not MODEL_REF.fullmatch(self.ref):
+            raise ValueError(f"{self.mode} {shown(self.ref)} is not NAME@VERSION or NAME@ALIAS (e.g. digits@2)")
+        return self
+
+    @property
+    def mode(self) -> Literal["canary", "shadow"]:
+        return "canary" if self.canary is not None else "shadow"
+
+    @property
+    def ref(self) -> str:
+        return self.canary or self.shadow or ""
+
+
+class MonitorSpec(Strict):
+    """Sampled payload logging: a share of requests written as Parquet rows (time, size, decoded
+    dimensions, top-1, confidence, latency, version); the image itself only with ``log_images``."""
+
+    path: str = Field(description="directory or URI (s3://, gs://) the rows are written under")
+    sample_percent: float = Field(1.0, gt=0.0, le=100.0, description="share of requests logged (%)")
+    flush_rows: int = Field(1000, ge=1, le=1_000_000, description="rows buffered per replica before a file is written")
+    flush_s: float = Field(60.0, gt=0.0, le=86400.0, description="longest time rows stay buffered (s)")
+    log_images: bool = Field(False, description="also store the request's image bytes (privacy: off by default)")
+
+
 class ServeSpec(Strict):
     """What ``visionray.serve.app:build_app`` serves and how."""
 
@@ -203,6 +243,8 @@ class ServeSpec(Strict):
                              "each HTTP-facing replica listens itself (http_options.port, then the next ports), no "
                              "proxy hop; throughput: direct plus Ray's throughput-optimized bundle. The cluster must "
                              "start in that mode (visionray.serve.modes; `visionray serve` does it locally)")
+    rollout: RolloutSpec | None = Field(None, description="a canary or shadow candidate next to model")
+    monitor: MonitorSpec | None = Field(None, description="sampled payload logging; null: off")
     classifier: DeploymentSpec = Field(default_factory=DeploymentSpec, description="the model replicas")
     ingress: DeploymentSpec = Field(default_factory=_ingress_default, description="the HTTP ingress replicas (sanitizer, decoding)")
 
@@ -226,6 +268,9 @@ class ServeSpec(Strict):
         if self.checkpoint is not None and not self.allow_unsigned:
             raise ValueError(f"checkpoint={self.checkpoint!r} is not signed; serve it from the registry, "
                              "or set allow_unsigned: true (development only)")
+        if self.rollout is not None and self.model is None:
+            raise ValueError(f"rollout ({self.rollout.mode} {self.rollout.ref}) needs model (a registry NAME@ALIAS), "
+                             f"not checkpoint={self.checkpoint!r}")
         if self.top_k > self.max_top_k:
             raise ValueError(f"top_k={self.top_k} is above max_top_k={self.max_top_k}")
         if self.classifier.max_ongoing_requests < self.batch.max_batch_size:

@@ -96,10 +96,11 @@ def _peer_address(peer: str) -> str:
 class GrpcClassify:
     """``Classify`` for an HTTP-facing replica: its gate, decoder and backend, the HTTP route's rules."""
 
-    def __init__(self, spec: ServeSpec, gate: Gate, decode: Callable, classify: Callable, model_info: Callable,
+    def __init__(self, spec: ServeSpec, gate: Gate, decode: Callable, route: Callable,
                  model_input: Callable, on_reject: Callable[[str], None], on_images: Callable[[int], None]):
+        """``route``: the replica's ``rollout.Router.classify`` (images, k) -> (labels, answering model)."""
         self.spec, self.gate = spec, gate
-        self.decode, self.classify, self.model_info, self.model_input = decode, classify, model_info, model_input
+        self.decode, self.route, self.model_input = decode, route, model_input
         self.on_reject, self.on_images = on_reject, on_images
 
     async def __call__(self, request: Any, context: Any) -> Any:
@@ -129,9 +130,8 @@ class GrpcClassify:
         header = inspect(data, declared, sanitizer)
         channels, size = await self.model_input()
         image = await self.decode(data, declared, channels, size, header)
-        labels = await self.classify(image, top_k)
+        (labels,), info = await self.route([image], top_k)
         self.on_images(1)
-        info = await self.model_info()
         return ClassifyReply(request_id=request_id, model=info["name"], version=info["version"] or 0,
                              top_k=[Label(label=x.label, index=x.index, probability=x.probability) for x in labels])
 

@@ -35,6 +35,7 @@ class Source:
     public_keys: tuple[str, ...]
     allow_unsigned: bool
     model_input: tuple[int, int] | None = None  # (channels, image size) as listed when the app was built
+    classes: tuple[str, ...] = ()  # as listed when the app was built
 
 
 UNSIGNED_BY = "allow_unsigned: true in the serve config and VISIONRAY_ALLOW_UNSIGNED=1 in the environment"
@@ -45,8 +46,7 @@ def resolve_source(spec: ServeSpec) -> Source:
     absolute (replicas run elsewhere). Keys fall back to $VISIONRAY_VERIFY_KEYS, read here, where
     the app is built. Verification is off only when the config's ``allow_unsigned`` and
     $VISIONRAY_ALLOW_UNSIGNED=1 are both set: one of them alone is refused (``UnsignedRefused``)."""
-    from visionray.registry.layout import ENV_ALLOW_UNSIGNED, allow_unsigned, default_registry_root, verify_key_paths
-    from visionray.registry.registry import Registry
+    from visionray.registry.layout import ENV_ALLOW_UNSIGNED, allow_unsigned, verify_key_paths
 
     keys = tuple(str(Path(k).expanduser().resolve()) for k in (spec.public_keys or verify_key_paths()))
     if spec.allow_unsigned and not allow_unsigned():
@@ -59,12 +59,22 @@ def resolve_source(spec: ServeSpec) -> Source:
 
         checkpoint = Path(spec.checkpoint).expanduser().resolve()
         return Source(None, None, str(checkpoint), keys, unsigned, _input_of(read_metadata(checkpoint).eval_preset))
-    root = spec.registry or default_registry_root()
+    return resolve_registry_model(spec.model, spec.registry, keys, unsigned)
+
+
+def resolve_registry_model(ref: str, registry: str | None, keys: tuple[str, ...], allow_unsigned: bool = False) -> Source:
+    """``ref`` (NAME@ALIAS, NAME@N) pinned to its version in ``registry`` (default
+    $VISIONRAY_REGISTRY or ./registry), its signed record verified first against ``keys``."""
+    from visionray.registry.layout import default_registry_root
+    from visionray.registry.registry import Registry
+
+    root = registry or default_registry_root()
     if "://" not in root:
         root = str(Path(root).expanduser().resolve())
-    mv = Registry(root).resolve(spec.model, list(keys), allow_unsigned=unsigned)
+    mv = Registry(root).resolve(ref, list(keys), allow_unsigned=allow_unsigned)
     listed = _input_of(mv.metadata.eval_preset) if mv.metadata is not None else None
-    return Source(f"{mv.name}@{mv.version}", root, None, keys, unsigned, listed)
+    classes = tuple(mv.metadata.classes) if mv.metadata is not None else ()
+    return Source(f"{mv.name}@{mv.version}", root, None, keys, allow_unsigned, listed, classes)
 
 
 def _input_of(preset: EvalPreset) -> tuple[int, int]:
