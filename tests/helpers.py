@@ -38,3 +38,28 @@ def make_checkpoint(
                     metrics=metrics if metrics is not None else {"val_acc": 0.5, "val_loss": 1.0}, epoch=epoch,
                     train_state=train_state)
     return directory, model.eval()
+
+
+SMALL = {"num_cpus": 0.25}  # CPUs per Serve replica in tests
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def app_args(registry: Path, keys, **over):
+    """Serve app args for the digits model in ``registry`` (one small replica per deployment);
+    ``over`` merges into a section (a dict) or replaces a field."""
+    args = {
+        "model": "digits@best", "registry": str(registry), "public_keys": [str(keys[1])],
+        "sanitizer": {"body_timeout_s": 3.0, "decode_workers": 2},  # 2 decoder processes per replica on 2 cores
+        "classifier": {**SMALL, "min_replicas": 1, "max_replicas": 1},
+        "ingress": {**SMALL, "min_replicas": 1, "max_replicas": 1},
+    }
+    for key, value in over.items():
+        args[key] = {**args[key], **value} if isinstance(value, dict) and isinstance(args.get(key), dict) else value
+    return args

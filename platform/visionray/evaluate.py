@@ -123,3 +123,48 @@ def plot_confusion(ev: Evaluation, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --------------------------------------------------------------------------- learning curves
+
+
+def read_curve(run: str | Path) -> list[tuple[float, float]]:
+    """(training wall time so far in s, val_acc) after each epoch, from a run directory's
+    metrics.csv (the driver writes one row per epoch; wall time is the sum of ``epoch_s``, start-up
+    left out)."""
+    import csv
+
+    path = Path(run) / "metrics.csv"
+    if not path.is_file():
+        raise DataError(f"{run}: no metrics.csv (give a run directory written by `visionray train`)")
+    points, elapsed = [], 0.0
+    with path.open() as fh:
+        for row in csv.DictReader(fh):
+            if row.get("val_acc") and row.get("epoch_s"):
+                elapsed += float(row["epoch_s"])
+                points.append((elapsed, float(row["val_acc"])))
+    if not points:
+        raise DataError(f"{path}: no epoch with val_acc and epoch_s yet")
+    return points
+
+
+def plot_curves(curves: dict[str, list[tuple[float, float]]], path: Path, title: str = "") -> None:
+    """Held-out accuracy against training wall time, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in curves.items():
+        t, acc = zip(*points)
+        ax.plot([x / 60 for x in t], acc, marker="o", label=f"{label} (best {max(acc):.4f})")
+    ax.set_xlabel("training wall time (min, start-up excluded)")
+    ax.set_ylabel("held-out accuracy (val_acc)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

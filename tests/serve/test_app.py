@@ -32,44 +32,11 @@ from visionray.data.folders import list_folder
 from visionray.evaluate import eval_arrays, evaluate_checkpoint, predict_logits
 from visionray.serve.client import Client, loadtest, read_images
 from visionray.specs import EvalPreset
-from tests.helpers import REPO, make_checkpoint
+from tests.helpers import REPO, SMALL, app_args, free_port, make_checkpoint
 
 pytestmark = pytest.mark.slow
 
 runner = CliRunner()
-SMALL = {"num_cpus": 0.25}  # CPUs per replica in tests
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def app_args(registry: Path, keys, **over):
-    args = {
-        "model": "digits@best", "registry": str(registry), "public_keys": [str(keys[1])],
-        "sanitizer": {"body_timeout_s": 3.0, "decode_workers": 2},  # 2 decoder processes per replica on 2 cores
-        "classifier": {**SMALL, "min_replicas": 1, "max_replicas": 1},
-        "ingress": {**SMALL, "min_replicas": 1, "max_replicas": 1},
-    }
-    for key, value in over.items():
-        args[key] = {**args[key], **value} if isinstance(value, dict) and isinstance(args.get(key), dict) else value
-    return args
-
-
-@pytest.fixture(scope="session")
-def serve_url(ray_cluster, digits_registry, keys):
-    """Serve on 127.0.0.1:<free port>, the digits app at '/'."""
-    from ray import serve
-
-    from visionray.serve.app import build_app
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(app_args(digits_registry, keys)), name="vr", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
 
 
 def running_replicas(app: str, deployment: str = "Classifier") -> int:

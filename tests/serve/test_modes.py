@@ -22,7 +22,7 @@ import yaml
 from typer.testing import CliRunner
 
 from tests.helpers import REPO
-from tests.serve.test_app import free_port
+from tests.helpers import free_port
 from tests.serve.test_sanitize import JPEG, PNG
 from visionray.cli import app as cli_app
 from visionray.serve.config import load_serve_spec

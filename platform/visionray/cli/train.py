@@ -191,9 +191,25 @@ def evaluate(
         console.print(f"plot: {plot}")
 
 
+def plot(
+    runs: list[Path] = typer.Argument(..., help="run directories (each with the metrics.csv `visionray train` writes)"),
+    out: Path = typer.Option(..., "--out", help="the PNG to write"),
+    title: str = typer.Option("", "--title", help="plot title (hardware, versions)"),
+) -> None:
+    """Held-out accuracy against training wall time after every epoch, one line per run, as a PNG."""
+    from visionray.evaluate import plot_curves, read_curve
+
+    with user_errors():
+        curves = {run.name: read_curve(run) for run in runs}
+    plot_curves(curves, out, title)
+    for name, points in curves.items():
+        console.print(f"{name}: " + ", ".join(f"{t / 60:.1f} min {acc:.4f}" for t, acc in points), highlight=False)
+    console.print(f"plot: {out}")
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the ``visionray`` app."""
-    for command in (validate, train, evaluate):
+    for command in (validate, train, evaluate, plot):
         app.command()(command)
 
 
