@@ -119,15 +119,22 @@ def test_a_canary_that_fails_verification_gets_no_traffic_and_the_app_says_why(a
 
 def test_payload_log_rows_and_the_monitor_report(apps, digits_registry, keys, tmp_path):
     url, log = apps[0]["shadow"], apps[1]
-    for _ in range(10):
-        _classify(url)
-    deadline = time.monotonic() + 30
-    while len(list(log.glob("payload-*.parquet"))) < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
     import pyarrow.parquet as pq
 
-    rows = [r for f in log.glob("payload-*.parquet") for r in pq.read_table(f).to_pylist()]
-    assert len(rows) >= 10
+    def logged() -> list[dict]:
+        return [r for f in log.glob("payload-*.parquet") for r in pq.read_table(f).to_pylist()]
+
+    before = -1
+    while before != len(logged()):  # earlier tests' rows settled (a file may still be on its way)
+        before = len(logged())
+        time.sleep(0.5)
+    for _ in range(10):  # every request is logged; a file is written every 5 rows (flush_rows)
+        _classify(url)
+    deadline = time.monotonic() + 30
+    while len(logged()) < before + 10 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    rows = logged()
+    assert len(rows) == before + 10 and len({(r["request_id"], r["index"]) for r in rows}) == len(rows)
     assert {(r["width"], r["height"], r["model"], r["version"]) for r in rows} == {(20, 12, "digits", 1)}
     assert all(0 < r["confidence"] <= 1 and r["latency_ms"] > 0 and r["bytes"] == len(PNG) for r in rows)
     assert "image" not in pq.read_table(next(log.glob("payload-*.parquet"))).column_names  # never the image by default
@@ -140,3 +147,13 @@ def test_payload_log_rows_and_the_monitor_report(apps, digits_registry, keys, tm
     assert png.stat().st_size > 1000
     # every logged request is the same image, so one class has it all: far from the held-out split
     assert report["total_variation"] > 0.5
+
+
+def test_promote_and_redeploy_moves_all_traffic(apps, rollout_registry, keys):
+    url = apps[0]["canary"]
+    res = runner.invoke(cli_app, ["models", "promote", "digits@2", "best", "--registry", str(rollout_registry),
+                                  "-k", str(keys[1]), "--key", str(keys[0])])
+    assert res.exit_code == 0, res.output
+    _deploy("canary", rollout_registry, keys)  # the same app, rollout finished: digits@best pinned again at build
+    assert {_classify(url)["model"]["version"] for _ in range(30)} == {2}
+    assert httpx.get(f"{url}/v1/rollout", timeout=30).json()["rollout"] is None

@@ -93,6 +93,8 @@ def list_inputs(src: str) -> Inputs:
     import pyarrow.fs as pafs
 
     fs, base = storage.resolve(src)
+    if storage.is_local(fs):
+        base = str(Path(base).expanduser().absolute())  # pyarrow's local filesystem wants absolute paths
     if base.endswith(MANIFEST_FILE) or _exists(fs, f"{base.rstrip('/')}/{MANIFEST_FILE}"):
         manifest = read_manifest(src)
         fs, base = pack_location(src)
@@ -269,7 +271,7 @@ def score(inputs: Inputs, source: Source, job: BulkJob, output: str,
     else:
         todo = [n for n in inputs.names if n not in done]
         already = len(inputs.names) - len(todo)
-        blocks = max(1, min(len(todo) // 1024, 4 * job.concurrency * 8))
+        blocks = min(len(todo), max(2 * job.concurrency, len(todo) // 1024))  # every actor busy; ~1,024 names a read task
         ds = ray.data.from_items([{"path": n} for n in todo], override_num_blocks=blocks).map_batches(
             read_files, batch_size=256, fn_kwargs={"filesystem": inputs.filesystem, "base": inputs.base,
                                                    "max_bytes": job.sanitizer.max_body_bytes}) if todo else None

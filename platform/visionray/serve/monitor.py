@@ -76,7 +76,7 @@ class PayloadLog:
         self._last = time.monotonic()
         if not rows:
             return None
-        path = f"{self.base.rstrip('/')}/payload-{time.strftime('%Y%m%dT%H%M%S')}-{self.writer}-{uuid.uuid4().hex[:6]}.parquet"
+        path = f"{self.base.rstrip('/')}/payload-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{self.writer}-{uuid.uuid4().hex[:6]}.parquet"
         try:
             buf = io.BytesIO()
             pq.write_table(pa.Table.from_pylist(rows, schema=row_schema(self.spec.log_images)), buf)

@@ -164,7 +164,7 @@ class Router:
             self._add(shadow_errors=1)
             return
         for ours, other in zip(served, theirs):
-            same = ours[0].index == other[0].index
+            same = ours[0].label == other[0].label
             self.on_compare(ours[0].label, same)
             self._add(compared={ours[0].label: 1}, agreed={ours[0].label: int(same)})
 
