@@ -77,9 +77,11 @@ def predict_logits(model: torch.nn.Module, meta: CheckpointMeta, images: torch.T
     """Logits for uint8 images through the checkpoint's eval preset, with its test-time augmentation."""
     tf = eval_transform(meta.eval_preset)
     tta = meta.tta
+    fmt = torch.channels_last if meta.channels_last else torch.contiguous_format  # as serving runs it
+    model = model.to(memory_format=fmt)
     out = []
     for chunk in images.split(batch_size):
-        out.append(tta_logits(model, torch.stack([tf(im) for im in chunk]), tta))
+        out.append(tta_logits(model, torch.stack([tf(im) for im in chunk]).contiguous(memory_format=fmt), tta))
     return torch.cat(out) if out else torch.empty(0, len(meta.classes))
 
 

@@ -32,6 +32,8 @@ from visionray.serve.sanitize import RateLimiter, check_type, sniff
 from visionray.specs import EvalPreset
 from visionray.spec_io import SpecError
 from tests.helpers import REPO, make_checkpoint
+from typer.testing import CliRunner
+from visionray.cli.app import app as cli_app
 
 LIMITS = SanitizerSpec()
 
@@ -652,6 +654,16 @@ def test_every_format_and_mode_pillow_writes_is_served_or_refused_cleanly(app_an
 # --------------------------------------------------------------------------- the serve config
 
 
+def test_validate_checks_serve_configs(tmp_path):
+    res = CliRunner().invoke(cli_app, ["validate", str(REPO / "serve" / "classifier.yaml")])
+    assert res.exit_code == 0 and "serve config" in res.output, res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("applications:\n- name: x\n  import_path: visionray.serve.app:build_app\n"
+                   "  args: {model: d@best, rollout: {canary: d@2, percent: 200}}\n")
+    res = CliRunner().invoke(cli_app, ["validate", str(bad)])
+    assert res.exit_code == 2 and "rollout.percent" in res.output, res.output
+
+
 def test_shipped_serve_configs_are_valid():
     for path in sorted((REPO / "serve").glob("*.yaml")):
         raw = read_serve_config(path)
@@ -676,6 +688,14 @@ BAD_SPECS = [
     ({"model": "d@best", "autoscale": {}}, "autoscale: unknown field"),
     ({"model": "d@best", "topology": "merged"}, "topology: Input should be 'split' or 'combined'"),
     ({"model": "d@best", "topology": "combined", "ingress": {"max_replicas": 3}}, "ingress is set but topology is 'combined'"),
+    ({"model": "d@best", "rollout": {"canary": "d@2", "shadow": "d@3", "percent": 5}}, "exactly one of canary or shadow"),
+    ({"model": "d@best", "rollout": {"percent": 5}}, "exactly one of canary or shadow"),
+    ({"model": "d@best", "rollout": {"canary": "d", "percent": 5}}, "canary 'd' is not NAME@VERSION"),
+    ({"model": "d@best", "rollout": {"canary": "d@2", "percent": 0}}, "rollout.percent"),
+    ({"model": "d@best", "rollout": {"canary": "d@2", "percent": 101}}, "rollout.percent"),
+    ({"checkpoint": "/x", "allow_unsigned": True, "rollout": {"shadow": "d@2", "percent": 5}}, "rollout (shadow d@2) needs model"),
+    ({"model": "d@best", "monitor": {"path": "p", "sample_percent": 0}}, "monitor.sample_percent"),
+    ({"model": "d@best", "monitor": {"sample_percent": 5}}, "monitor.path"),
 ]
 
 

@@ -111,6 +111,8 @@ def serve_command(
                       + f"; Serve's fallback proxy on {proxy}")
     console.print(f"[green]ready[/] in {time.time() - start:.0f} s: {url}/v1/classify  (API docs {url}/docs, "
                   f"health {url}/healthz, {url}/readyz)")
+    if spec.rollout is not None:
+        _print_rollout(url)
     if (raw.get("grpc_options") or {}).get("grpc_servicer_functions"):
         console.print(f"gRPC: visionray.v1.Classifier/Classify on port {raw['grpc_options'].get('port', 9000)} "
                       f"(every interface: Serve's gRPC proxy takes no host), metadata application={name}; "
@@ -132,6 +134,22 @@ def serve_command(
         console.print("stopping (draining requests) ...")
         serve.delete(name)
         console.print("stopped")
+
+
+def _print_rollout(url: str) -> None:
+    """The rollout as the app built it: active, or refused and why (a candidate that failed verification)."""
+    import httpx
+
+    try:
+        r = httpx.get(f"{url}/v1/rollout", timeout=10).raise_for_status().json()["rollout"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:  # e.g. 401: the app wants an API key
+        console.print(f"rollout configured; its state: `visionray status --url {url}` ({type(exc).__name__})")
+        return
+    if r["state"] == "refused":
+        console.print(f"[red]rollout refused[/]: {r['mode']} {r['candidate']} gets no traffic: {r['reason']}", highlight=False)
+    else:
+        console.print(f"rollout: {r['mode']} {r['candidate']} at {r['percent']:g}% of requests "
+                      f"(`visionray status --url {url}`)", highlight=False)
 
 
 def _warn_if_it_cannot_scale(spec: Any) -> None:

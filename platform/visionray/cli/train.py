@@ -22,18 +22,25 @@ from visionray.cli.registry import PublicKeyOption, RegistryOption, check_regist
 
 
 def validate(
-    file: Path = typer.Argument(..., help="a training spec (jobs/*.yaml) or a search spec (tune/*.yaml)"),
+    file: Path = typer.Argument(..., help="a training spec (jobs/*.yaml), a search spec (tune/*.yaml) or a serve config (serve/*.yaml)"),
     set_: list[str] = SetOption,
 ) -> None:
     """Validate a spec: print OK, or every error (field, value, what is allowed) and exit 2."""
+    from visionray.serve.config import read_serve_config
     from visionray.spec_io import SpecError, read_yaml
     from visionray.specs import load_spec
 
     from visionray.tune.spec import is_search_spec, load_search_spec
 
     try:
-
-        if is_search_spec(read_yaml(file)):
+        raw = read_yaml(file)
+        if isinstance(raw, dict) and "applications" in raw:
+            if set_:
+                fail("--set applies to training and search specs; edit the serve config's args instead")
+            apps = [a.get("name", "default") for a in read_serve_config(file)["applications"]]
+            console.print(f"[green]OK[/] {file}: serve config, application(s) {', '.join(apps)}")
+            return
+        if is_search_spec(raw):
             search = load_search_spec(file, set_)
             console.print(f"[green]OK[/] {file}: search [bold]{search.output.name}[/] "
                           f"({search.search.algorithm} + {search.scheduler.name}, {search.expected_trials()} trial(s))")

@@ -39,6 +39,8 @@ from visionray.serve.structure import inspect
 from visionray.spec_io import Strict
 
 PART_ROWS = 4096  # rows per part file written while a run goes (a resumed run loses at most this many)
+READ_TASK_LIMIT = 4  # byte-reading tasks at once: they wait on storage, so they reserve no CPU (the
+# actors may take every core: `--cpus 2` on a 2-core machine must not starve the reads)
 
 
 class BulkJob(Strict):
@@ -160,6 +162,9 @@ class Scorer:
     """One actor of the pool: the verified model and its sandboxed decoders."""
 
     def __init__(self, source: Source, job: BulkJob):
+        import torch
+
+        torch.set_num_threads(max(1, round(job.num_cpus)))  # the actor's CPUs, whatever OMP_NUM_THREADS says
         device = pick_device(job.device)
         model, meta, name, version = load_source(source, device)  # raises VerificationError: nothing scores
         self.predictor = Predictor(model, meta, name, version, device)
@@ -255,6 +260,12 @@ def _write_table(fs: Any, path: str, table) -> None:
     storage.write_atomic(fs, path, buf.getvalue())
 
 
+def _read_tasks() -> dict[str, Any]:
+    import ray
+
+    return {"num_cpus": 0, "compute": ray.data.TaskPoolStrategy(size=READ_TASK_LIMIT)}
+
+
 def score(inputs: Inputs, source: Source, job: BulkJob, output: str,
           on_progress: Callable[[int, int], None] = lambda done, total: None) -> BulkResult:
     """Score every input of ``inputs`` without a row in ``output`` yet; needs ``ray.init`` first."""
@@ -267,14 +278,16 @@ def score(inputs: Inputs, source: Source, job: BulkJob, output: str,
     if inputs.shards:
         already = len(done)
         ds = ray.data.from_items([{"shard": s.model_dump_json()} for s in inputs.shards]).map_batches(
-            read_shard_rows, batch_size=1, fn_kwargs={"filesystem": inputs.filesystem, "base": inputs.base, "done": done})
+            read_shard_rows, batch_size=1, fn_kwargs={"filesystem": inputs.filesystem, "base": inputs.base, "done": done},
+            **_read_tasks())
     else:
         todo = [n for n in inputs.names if n not in done]
         already = len(inputs.names) - len(todo)
         blocks = min(len(todo), max(2 * job.concurrency, len(todo) // 1024))  # every actor busy; ~1,024 names a read task
         ds = ray.data.from_items([{"path": n} for n in todo], override_num_blocks=blocks).map_batches(
             read_files, batch_size=256, fn_kwargs={"filesystem": inputs.filesystem, "base": inputs.base,
-                                                   "max_bytes": job.sanitizer.max_body_bytes}) if todo else None
+                                                   "max_bytes": job.sanitizer.max_body_bytes},
+            **_read_tasks()) if todo else None
     if ds is not None:
         ds = ds.map_batches(Scorer, fn_constructor_kwargs={"source": source, "job": job}, batch_size=job.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=job.concurrency), num_cpus=job.num_cpus,

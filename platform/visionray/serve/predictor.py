@@ -144,10 +144,11 @@ class Predictor:
         self.tta = meta.tta  # the same test-time views as the checkpoint's evaluation
         self.classes: list[str] = list(meta.classes)
         self.half = device.type == "cuda"
+        self.memory_format = torch.channels_last if self.half or meta.channels_last else torch.contiguous_format
         model = model.to(device).eval()
         if self.half:
-            model = model.half().to(memory_format=torch.channels_last)
-        self.model = model
+            model = model.half()
+        self.model = model.to(memory_format=self.memory_format)
 
     def info(self) -> dict[str, Any]:
         return {
@@ -171,7 +172,8 @@ class Predictor:
             assert a.dtype == np.uint8 and a.ndim == 3 and a.shape[0] == c, f"expected uint8 ({c}, H, W), got {a.dtype} {a.shape}"
         x = torch.stack([self.transform(torch.from_numpy(a)) for a in images]).to(self.device, non_blocking=True)
         if self.half:
-            x = x.half().contiguous(memory_format=torch.channels_last)
+            x = x.half()
+        x = x.contiguous(memory_format=self.memory_format)
         probs = tta_logits(self.model, x, self.tta).softmax(1).cpu()
         top = probs.topk(min(k, len(self.classes)), dim=1)
         return [
