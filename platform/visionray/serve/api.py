@@ -210,23 +210,6 @@ def _add_probes(app: FastAPI, spec: ServeSpec, backend: Backend) -> None:
         return {"status": "ready", "model": {"name": m["name"], "version": m["version"]}}
 
 
-def payload_rows(request: Request, parts: list, headers: list, labels: list, model: dict[str, Any], seconds: float,
-                 with_images: bool) -> list[dict[str, Any]]:
-    """The monitoring rows of one answered request (``visionray.serve.monitor.row_schema``)."""
-    from datetime import datetime, timezone
-
-    now = datetime.now(timezone.utc)
-    rows = []
-    for i, ((_, _, data), h, top) in enumerate(zip(parts, headers, labels)):
-        row = {"time": now, "request_id": request_id(request), "index": i, "bytes": len(data), "width": h.width,
-               "height": h.height, "label": top[0].label, "confidence": top[0].probability,
-               "latency_ms": seconds * 1000, "model": model["name"], "version": model["version"]}
-        if with_images:
-            row["image"] = data
-        rows.append(row)
-    return rows
-
-
 def make_gate(spec: ServeSpec) -> Gate:
     """The HTTP-facing replica's gate: its keys (a misconfigured key source raises), rate limits and
     admission limit."""
@@ -294,8 +277,8 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
         labels, m = await router.classify(list(images), top_k)
         on_images(len(images))
         if payload_log is not None and payload_log.sampled():
-            payload_log.add(payload_rows(request, parts, headers, labels, m, time.perf_counter() - started,
-                                         payload_log.spec.log_images))
+            payload_log.add(payload_log.rows(request_id(request), [data for _, _, data in parts], headers, labels, m,
+                                             time.perf_counter() - started))
         return ClassifyResponse(
             request_id=request_id(request),
             model=ModelRef(name=m["name"], version=m["version"]),

@@ -22,15 +22,22 @@ Overload, in both: the HTTP-facing deployment's admission gate (``SanitizerMiddl
 503 JSON with Retry-After beyond ``max_ongoing_requests + max_queued_requests`` per replica;
 Serve's own limits for it sit above the gate (``DeploymentSpec.options(http_facing=True)``).
 
+With ``rollout`` (``visionray.serve.rollout``): a ``Candidate`` deployment (the candidate version,
+verified when the app is built; none when it was refused) and one ``RolloutStats`` replica that
+adds up the HTTP-facing replicas' counts for ``/v1/rollout``. With ``monitor``: each HTTP-facing
+replica writes sampled request rows (``visionray.serve.monitor``).
+
 Prometheus (Ray's metrics endpoint): Serve's own request, latency, queue and replica metrics, plus
-``visionray_serve_rejected_total{reason}`` and ``visionray_serve_images_total``.
+``visionray_serve_rejected_total{reason}``, ``visionray_serve_images_total``,
+``visionray_serve_answers_total{model,version}`` and, with a shadow,
+``visionray_shadow_compared_total{label}`` and ``visionray_shadow_agreed_total{label}``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from ray import serve
@@ -117,17 +124,18 @@ class ApiReplica:
                                tag_keys=("model", "version"))
         self.gate = make_gate(spec)  # HTTP and gRPC share the admission limit, keys and rate limits
         self.facts = ModelFacts(backend, source.model_input)  # one metadata cache for HTTP and gRPC
-        self.router = self._router(backend, rollout)
+        self.router, self.rollout_counts = self._router(backend, rollout)
         self.payload_log = PayloadLog(spec.monitor) if spec.monitor is not None else None
         self.grpc = GrpcClassify(spec, self.gate, self.decoder.decode, self.router.classify, self.facts.input,
-                                 self._count_rejection, self.images.inc)
+                                 self._count_rejection, self.images.inc, self.payload_log)
 
-    def _router(self, backend: Backend, rollout: "RolloutParts | None") -> Router:
+    def _router(self, backend: Backend, rollout: "RolloutParts | None") -> tuple[Router, Callable[[], Any] | None]:
+        """Which model answers (``visionray.serve.rollout``), and how the app's rollout counts are read."""
         def answered(model: str, version: str) -> None:
             self.answers.inc(tags={"model": model, "version": version})
 
         if rollout is None:
-            return Router((backend.classify, self.facts.info), None, None, on_answer=answered)
+            return Router((backend.classify, self.facts.info), None, None, on_answer=answered), None
         compared = Counter("visionray_shadow_compared_total", description="requests the shadow also classified, by "
                            "the served model's top-1", tag_keys=("label",))
         agreed = Counter("visionray_shadow_agreed_total", description="of those, the shadow's top-1 was the same",
@@ -145,13 +153,9 @@ class ApiReplica:
         if rollout.handle is not None:
             other = HandleBackend(rollout.handle, self.spec.rollout.candidate.retry_after_s)
             candidate = (other.classify, ModelFacts(other).info)
-        self.rollout_counts = rollout.stats.summary.remote
-        return Router((backend.classify, self.facts.info), candidate, rollout.candidate, on_answer=answered,
-                      on_compare=on_compare, flush=flush)
-
-    def _api_kwargs(self) -> dict[str, Any]:
-        return {"router": self.router, "payload_log": self.payload_log,
-                "rollout_counts": getattr(self, "rollout_counts", None)}
+        router = Router((backend.classify, self.facts.info), candidate, rollout.candidate, on_answer=answered,
+                        on_compare=on_compare, flush=flush)
+        return router, rollout.stats.summary.remote
 
     async def Classify(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802 - the gRPC method's name
         """``visionray.v1.Classifier/Classify`` (``visionray.serve.grpc_api``), via Serve's gRPC proxy."""
@@ -163,7 +167,8 @@ class ApiReplica:
     def __serve_build_asgi_app__(self):
         return make_api(self.spec, self.backend, on_reject=self._count_rejection, on_images=self.images.inc,
                         echo_request_id=False, decoder=self.decoder, facts=self.facts, gate=self.gate,
-                        **self._api_kwargs())  # Serve's proxy sets and echoes X-Request-ID
+                        router=self.router, payload_log=self.payload_log,
+                        rollout_counts=self.rollout_counts)  # Serve's proxy sets and echoes X-Request-ID
 
 
 @serve.deployment(name="Classifier")

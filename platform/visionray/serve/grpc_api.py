@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import time
 from typing import Any, Callable
 
 import grpc
@@ -97,9 +98,11 @@ class GrpcClassify:
     """``Classify`` for an HTTP-facing replica: its gate, decoder and backend, the HTTP route's rules."""
 
     def __init__(self, spec: ServeSpec, gate: Gate, decode: Callable, route: Callable,
-                 model_input: Callable, on_reject: Callable[[str], None], on_images: Callable[[int], None]):
-        """``route``: the replica's ``rollout.Router.classify`` (images, k) -> (labels, answering model)."""
-        self.spec, self.gate = spec, gate
+                 model_input: Callable, on_reject: Callable[[str], None], on_images: Callable[[int], None],
+                 payload_log: Any = None):
+        """``route``: the replica's ``rollout.Router.classify`` (images, k) -> (labels, answering model).
+        ``payload_log``: the replica's ``monitor.PayloadLog`` (HTTP and gRPC requests are sampled alike)."""
+        self.spec, self.gate, self.payload_log = spec, gate, payload_log
         self.decode, self.route, self.model_input = decode, route, model_input
         self.on_reject, self.on_images = on_reject, on_images
 
@@ -126,12 +129,16 @@ class GrpcClassify:
         top_k = request.top_k or self.spec.top_k
         if top_k > self.spec.max_top_k:
             raise Rejection(422, "invalid_request", f"top_k={top_k} is above max_top_k={self.spec.max_top_k}")
+        started = time.perf_counter()
         declared = check_type(request.content_type, data, sanitizer)
         header = inspect(data, declared, sanitizer)
         channels, size = await self.model_input()
         image = await self.decode(data, declared, channels, size, header)
         (labels,), info = await self.route([image], top_k)
         self.on_images(1)
+        if self.payload_log is not None and self.payload_log.sampled():
+            self.payload_log.add(self.payload_log.rows(request_id, [data], [header], [labels], info,
+                                                       time.perf_counter() - started))
         return ClassifyReply(request_id=request_id, model=info["name"], version=info["version"] or 0,
                              top_k=[Label(label=x.label, index=x.index, probability=x.probability) for x in labels])
 

@@ -20,6 +20,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,20 @@ class PayloadLog:
         self.writer = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._last = time.monotonic()
         self._writing: asyncio.Task | None = None
+
+    def rows(self, request_id: str, images: list[bytes], headers: list, labels: list, model: dict[str, Any],
+             seconds: float) -> list[dict[str, Any]]:
+        """The rows of one answered request: its images' bytes, their ``structure.Header`` and top-k."""
+        now = datetime.now(timezone.utc)
+        rows = []
+        for i, (data, h, top) in enumerate(zip(images, headers, labels)):
+            row = {"time": now, "request_id": request_id, "index": i, "bytes": len(data), "width": h.width,
+                   "height": h.height, "label": top[0].label, "confidence": top[0].probability,
+                   "latency_ms": seconds * 1000, "model": model["name"], "version": model["version"]}
+            if self.spec.log_images:
+                row["image"] = data
+            rows.append(row)
+        return rows
 
     def sampled(self) -> bool:
         return self.rng.random() * 100 < self.spec.sample_percent
