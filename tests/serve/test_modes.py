@@ -107,6 +107,7 @@ def test_direct_mode_serves_from_the_replica_with_every_guarantee(digits_registr
                 classifier={"min_replicas": 1, "max_replicas": 1, "num_cpus": 0.5, "max_ongoing_requests": 1,
                             "max_queued_requests": 1, "retry_after_s": 2})
     del args["ingress"]
+    args["monitor"] = {"path": str(tmp_path / "payload"), "sample_percent": 100, "flush_rows": 1}
     grpc_port = free_port()
     config["grpc_options"] = {"port": grpc_port, "grpc_servicer_functions": [SERVICER_FUNCTION]}
     path = tmp_path / "direct.yaml"
@@ -160,6 +161,13 @@ def test_direct_mode_serves_from_the_replica_with_every_guarantee(digits_registr
             text = httpx.get(f"http://127.0.0.1:{metrics.group(1)}/metrics", timeout=10).text
             time.sleep(2)
         assert 'visionray_serve_rejected_total' in text and 'reason="overloaded"' in text, text[-2000:]
+        assert 'visionray_serve_answers_total' in text and 'version="1"' in text, text[-2000:]
+        # every answered request is logged, gRPC ones too: the PNG went once over HTTP, twice over gRPC
+        import pyarrow.parquet as pq
+
+        rows = [r for f in (tmp_path / "payload").glob("payload-*.parquet") for r in pq.read_table(f).to_pylist()]
+        assert sum(r["bytes"] == len(PNG) for r in rows) == 3, rows
+        assert {(r["width"], r["height"], r["model"], r["version"]) for r in rows} == {(20, 12, "digits", 1)}
 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0, log.read_text()
