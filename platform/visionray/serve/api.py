@@ -277,7 +277,7 @@ def make_api(spec: ServeSpec, backend: Backend, on_reject: Callable[[str], None]
         labels, m = await router.classify(list(images), top_k)
         on_images(len(images))
         if payload_log is not None and payload_log.sampled():
-            payload_log.add(payload_log.rows(request_id(request), [data for _, _, data in parts], headers, labels, m,
+            payload_log.add(payload_log.rows_of(request_id(request), [data for _, _, data in parts], headers, labels, m,
                                              time.perf_counter() - started))
         return ClassifyResponse(
             request_id=request_id(request),

@@ -137,7 +137,7 @@ class GrpcClassify:
         (labels,), info = await self.route([image], top_k)
         self.on_images(1)
         if self.payload_log is not None and self.payload_log.sampled():
-            self.payload_log.add(self.payload_log.rows(request_id, [data], [header], [labels], info,
+            self.payload_log.add(self.payload_log.rows_of(request_id, [data], [header], [labels], info,
                                                        time.perf_counter() - started))
         return ClassifyReply(request_id=request_id, model=info["name"], version=info["version"] or 0,
                              top_k=[Label(label=x.label, index=x.index, probability=x.probability) for x in labels])

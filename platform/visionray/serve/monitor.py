@@ -55,7 +55,7 @@ class PayloadLog:
         self._last = time.monotonic()
         self._writing: asyncio.Task | None = None
 
-    def rows(self, request_id: str, images: list[bytes], headers: list, labels: list, model: dict[str, Any],
+    def rows_of(self, request_id: str, images: list[bytes], headers: list, labels: list, model: dict[str, Any],
              seconds: float) -> list[dict[str, Any]]:
         """The rows of one answered request: its images' bytes, their ``structure.Header`` and top-k."""
         now = datetime.now(timezone.utc)
