@@ -170,7 +170,6 @@ class Scorer:
         self.predictor = Predictor(model, meta, name, version, device)
         check_input(source, self.predictor.preset)
         self.job = job
-        self.sanitizer = job.sanitizer
         self.pool = DecodePool(job.sanitizer)
         self.pool.start()  # raises DecoderStartError: an actor that cannot sandbox never scores
         self.threads = ThreadPoolExecutor(job.sanitizer.decode_workers)
@@ -182,9 +181,9 @@ class Scorer:
             declared = sniff(data) if data else None
             if data and declared is None:
                 raise Rejection(415, "unsupported_media_type", "the bytes are no known image format; accepted: "
-                                f"{', '.join(self.sanitizer.allowed_types)}")
-            check_type(declared or self.sanitizer.allowed_types[0], data, self.sanitizer)  # empty, not allowed
-            header = inspect(data, declared, self.sanitizer)
+                                f"{', '.join(self.job.sanitizer.allowed_types)}")
+            check_type(declared or self.job.sanitizer.allowed_types[0], data, self.job.sanitizer)  # empty, not allowed
+            header = inspect(data, declared, self.job.sanitizer)
             preset = self.predictor.preset
             return self.pool.decode_blocking(data, declared, preset.channels, preset.image_size, header)
         except Rejection as exc:

@@ -119,7 +119,7 @@ def read_log(path: str):
                    if f.type == pafs.FileType.File and f.base_name.startswith("payload-") and f.path.endswith(".parquet"))
     if not files:
         raise DataError(f"{path!r}: no payload-*.parquet files there (is monitor.path of the serve config this?)")
-    columns = [n for n in row_schema().names]
+    columns = row_schema().names
     tables = []
     for f in files:
         with fs.open_input_file(f) as fh:
