@@ -77,7 +77,8 @@ def test_folder_with_a_hostile_file_scores_the_rest_as_evaluate_does(ray_cluster
     model, meta = Registry(str(digits_registry)).load(source.ref, [str(keys[1])])
     ev = evaluate_checkpoint(model, meta, str(digit_folder))
     assert accuracy["count"] == ev.count == 120
-    assert accuracy["top1"] == pytest.approx(ev.top1, abs=1e-9)
+    # the same number of correct images (evaluate's top-1 is a float32 mean: compare within half an image)
+    assert accuracy["top1"] == pytest.approx(ev.top1, abs=0.5 / ev.count)
     assert accuracy["top1"] > 0.8  # the quickstart model is good on digits: the rows are real predictions
 
 
