@@ -63,3 +63,28 @@ def app_args(registry: Path, keys, **over):
     for key, value in over.items():
         args[key] = {**args[key], **value} if isinstance(value, dict) and isinstance(args.get(key), dict) else value
     return args
+
+
+def deploy_apps(apps: dict) -> None:
+    """Deploy several Serve apps at once (``name -> built app``, each under ``/name``) and wait until
+    every one runs: their replicas start side by side, one wait instead of one per app."""
+    from ray import serve
+    from ray.serve.api import RunTarget
+
+    serve.run_many([RunTarget(app, name=name, route_prefix=f"/{name}") for name, app in apps.items()])
+
+
+def delete_apps(*names: str, timeout_s: float = 120.0) -> None:
+    """Delete Serve apps side by side (each replica's graceful shutdown overlaps the others') and
+    wait until they are gone, so the next test finds their CPUs free."""
+    import time
+
+    from ray import serve
+
+    for name in names:
+        serve.delete(name, _blocking=False)
+    deadline = time.monotonic() + timeout_s
+    while set(names) & set(serve.status().applications) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = set(names) & set(serve.status().applications)
+    assert not left, f"apps still deleting after {timeout_s:.0f} s: {sorted(left)}"

@@ -32,7 +32,7 @@ from visionray.data.folders import list_folder
 from visionray.evaluate import eval_arrays, evaluate_checkpoint, predict_logits
 from visionray.serve.client import Client, loadtest, read_images
 from visionray.specs import EvalPreset
-from tests.helpers import REPO, SMALL, app_args, free_port, make_checkpoint
+from tests.helpers import REPO, SMALL, app_args, delete_apps, free_port, make_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -405,8 +405,7 @@ def test_tampered_or_untrusted_models_refuse_to_deploy(serve_url, digits_registr
             message = " ".join(_deploy_failure(name))
             assert "VerificationError" in message, message
     finally:
-        for name in names:
-            serve.delete(name)
+        delete_apps(*names)
     ok(serve_url)
 
 

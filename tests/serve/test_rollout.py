@@ -15,10 +15,11 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.helpers import SMALL, app_args, make_checkpoint
+from tests.helpers import SMALL, app_args, delete_apps, deploy_apps, make_checkpoint
 from tests.serve.test_sanitize import PNG
 from visionray.cli.app import app as cli_app
 from visionray.registry.registry import Registry
+from visionray.serve.app import build_app
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -39,32 +40,21 @@ def rollout_registry(digits_registry, keys, tmp_path_factory) -> Path:
     return root
 
 
-def _deploy(name: str, registry: Path, keys, **over) -> str:
-    from ray import serve
-
-    from visionray.serve.app import build_app
-
-    serve.run(build_app(app_args(registry, keys, **over)), name=name, route_prefix=f"/{name}")
-    return name
-
-
 @pytest.fixture(scope="module")
 def apps(serve_url, rollout_registry, keys, tmp_path_factory):
-    """Three apps beside the session's: a 30% canary of v2, a shadow v2 on every request with every
-    request logged, and a canary of the tampered v3."""
-    from ray import serve
-
+    """Three apps beside the session's, deployed at once: a 30% canary of v2, a shadow v2 on every
+    request with every request logged, and a canary of the tampered v3."""
     log = tmp_path_factory.mktemp("payload")
     candidate = {**SMALL, "min_replicas": 1, "max_replicas": 1}
-    names = {
-        "canary": _deploy("canary", rollout_registry, keys, rollout={"canary": "digits@2", "percent": 30, "candidate": candidate}),
-        "shadow": _deploy("shadow", rollout_registry, keys, rollout={"shadow": "digits@2", "percent": 100, "candidate": candidate},
-                          monitor={"path": str(log), "sample_percent": 100, "flush_rows": 5}),
-        "refused": _deploy("refused", rollout_registry, keys, rollout={"canary": "digits@3", "percent": 50, "candidate": candidate}),
+    over = {
+        "canary": {"rollout": {"canary": "digits@2", "percent": 30, "candidate": candidate}},
+        "shadow": {"rollout": {"shadow": "digits@2", "percent": 100, "candidate": candidate},
+                   "monitor": {"path": str(log), "sample_percent": 100, "flush_rows": 5}},
+        "refused": {"rollout": {"canary": "digits@3", "percent": 50, "candidate": candidate}},
     }
-    yield {k: f"{serve_url}/{v}" for k, v in names.items()}, log
-    for name in names.values():
-        serve.delete(name)
+    deploy_apps({name: build_app(app_args(rollout_registry, keys, **o)) for name, o in over.items()})
+    yield {name: f"{serve_url}/{name}" for name in over}, log
+    delete_apps(*over)
 
 
 def _classify(url: str) -> dict:
@@ -154,6 +144,6 @@ def test_promote_and_redeploy_moves_all_traffic(apps, rollout_registry, keys):
     res = runner.invoke(cli_app, ["models", "promote", "digits@2", "best", "--registry", str(rollout_registry),
                                   "-k", str(keys[1]), "--key", str(keys[0])])
     assert res.exit_code == 0, res.output
-    _deploy("canary", rollout_registry, keys)  # the same app, rollout finished: digits@best pinned again at build
+    deploy_apps({"canary": build_app(app_args(rollout_registry, keys))})  # the same app, rollout finished: digits@best pinned again at build
     assert {_classify(url)["model"]["version"] for _ in range(30)} == {2}
     assert httpx.get(f"{url}/v1/rollout", timeout=30).json()["rollout"] is None
