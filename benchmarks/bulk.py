@@ -13,7 +13,7 @@ Images: the first N of ``../shared/data/cifar10/train.tar.gz`` (32x32 JPEGs) whe
 synthetic 32x32 JPEGs. The model: the recipe's (``--job``) net, untrained (speed does not depend on
 the weights), saved and registered signed in a temporary registry.
 
-    python benchmarks/bulk.py [--job jobs/cifar10-cpu.yaml] [--images 4000] [--cpus 2] [--decode-workers 2]
+    python benchmarks/bulk.py [--job jobs/cifar10-cpu.yaml] [--images 8000] [--cpus 1] [--concurrency N] [--decode-workers 2]
 """
 
 from __future__ import annotations
@@ -73,10 +73,10 @@ def raw_rate(ckpt: Path, folder: Path, batch_size: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--job", default=str(HERE.parent / "jobs" / "cifar10-cpu.yaml"))
-    parser.add_argument("--images", type=int, default=4000)
+    parser.add_argument("--images", type=int, default=8000)
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--cpus", type=float, default=2.0, help="CPUs per scoring actor")
-    parser.add_argument("--concurrency", type=int, default=1)
+    parser.add_argument("--cpus", type=float, default=1.0, help="CPUs per scoring actor")
+    parser.add_argument("--concurrency", type=int, default=None, help="actors (default: as many as the CPUs hold, as the CLI)")
     parser.add_argument("--decode-workers", type=int, default=2)
     parser.add_argument("--out", default=str(HERE / "results" / "bulk.json"))
     args = parser.parse_args()
@@ -110,7 +110,7 @@ def main() -> None:
         raw = raw_rate(ckpt, first, args.batch_size)
         job = BulkJob(batch_size=args.batch_size, concurrency=args.concurrency, num_cpus=args.cpus,
                       sanitizer={"decode_workers": args.decode_workers})
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(args.cpus * args.concurrency)),
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, math.ceil(args.cpus * (args.concurrency or 1))),
                  include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         ray.data.DataContext.get_current().enable_progress_bars = False
         double = tmp / "double"  # the same images twice (other names): a run that differs only by N images
@@ -129,7 +129,7 @@ def main() -> None:
         "ratio": single.scored / single.seconds / raw, "ratio_marginal": marginal / raw,
     }
     result = {"job": args.job, "model": spec.model.name, "model_kwargs": spec.model.kwargs(), "tta": spec.evaluation.tta,
-              "images": what, "batch_size": args.batch_size, "actor_cpus": args.cpus, "concurrency": args.concurrency,
+              "images": what, "batch_size": args.batch_size, "actor_cpus": args.cpus, "concurrency": twice.actors,
               "decode_workers": args.decode_workers, "cores": os.cpu_count(), "torch": torch.__version__,
               "ray": ray.__version__, **rows}
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from visionray.cli.app import app
-from visionray.serve.bulk import BulkJob, folder_accuracy, list_inputs, read_done, score
+from visionray.serve.bulk import BulkJob, actor_count, folder_accuracy, list_inputs, read_done, score
 from visionray.serve.predictor import resolve_registry_model
 
 runner = CliRunner()
@@ -89,7 +89,7 @@ def test_a_resumed_run_scores_only_what_has_no_row(ray_cluster, digit_folder, so
     for p in held_back:
         p.rename(p.with_suffix(".later"))
     out = str(tmp_path / "out.parquet")
-    first = score(list_inputs(str(src)), source, BulkJob(), out)
+    first = score(list_inputs(str(src)), source, BulkJob(concurrency=1), out)
     before = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     # an interrupted run's part: rows kept and not rescored
     for p in held_back[:2]:
@@ -106,13 +106,13 @@ def test_a_resumed_run_scores_only_what_has_no_row(ray_cluster, digit_folder, so
     pq.write_table(pa.Table.from_pylist(fake, schema=row_schema()), parts / "part-0.parquet")
     for p in held_back[2:]:
         p.with_suffix(".later").rename(p)
-    second = score(list_inputs(str(src)), source, BulkJob(), out)
+    second = score(list_inputs(str(src)), source, BulkJob(concurrency=1), out)
     after = {r["path"]: r for r in pq.read_table(out).to_pylist()}
     assert first.scored == 113 and second.scored == 5 and second.skipped == 115
     assert len(after) == 120 and all(after[p] == r for p, r in before.items())
     assert {after[str(p.relative_to(src))]["model"] for p in held_back[:2]} == {"from-the-interrupted-run"}
-    third = score(list_inputs(str(src)), source, BulkJob(), out)
-    assert third.scored == 0 and pq.read_table(out).num_rows == 120
+    third = score(list_inputs(str(src)), source, BulkJob(concurrency=1), out)
+    assert third.scored == 0 and third.actors == 0 and pq.read_table(out).num_rows == 120
 
 
 def test_a_pack_manifest_is_scored_from_its_verified_shards(ray_cluster, digit_folder, source, tmp_path):
@@ -120,7 +120,7 @@ def test_a_pack_manifest_is_scored_from_its_verified_shards(ray_cluster, digit_f
 
     pack(str(digit_folder), str(tmp_path / "pack"), shard_rows=50, val_fraction=0.2, seed=0)
     out = str(tmp_path / "out.parquet")
-    result = score(list_inputs(str(tmp_path / "pack" / "manifest.json")), source, BulkJob(), out)
+    result = score(list_inputs(str(tmp_path / "pack" / "manifest.json")), source, BulkJob(concurrency=1), out)
     rows = pq.read_table(out).to_pylist()
     assert result.scored == len(rows) == 120 and {r["status"] for r in rows} == {"ok"}
     assert len({r["path"] for r in rows}) == 120
@@ -133,6 +133,7 @@ def test_cli_batch_prints_its_summary_and_refuses_bad_options(ray_cluster, digit
     assert res.exit_code == 0, res.output
     summary = json.loads(res.output.strip().splitlines()[-1])
     assert summary["scored"] == 120 and summary["folder_accuracy"]["count"] == 120
+    assert 1 <= summary["actors"] <= ray_cluster.cluster_resources()["CPU"]  # default: as many 1-CPU actors as fit
     assert {len(r["labels"]) for r in pq.read_table(out).to_pylist()} == {2}
     res = runner.invoke(app, [*base, "--output", str(out)])
     assert res.exit_code == 2 and "--model" in res.output
@@ -141,3 +142,22 @@ def test_cli_batch_prints_its_summary_and_refuses_bad_options(ray_cluster, digit
     res = runner.invoke(app, ["predict", "--batch", str(tmp_path / "missing"), "--output", str(out), "--model", "digits@best",
                               "--registry", str(digits_registry), "-k", str(keys[1])])
     assert res.exit_code == 2 and "does not exist" in " ".join(res.output.split())
+
+
+def test_the_default_pool_is_as_many_actors_as_the_free_resources_hold(ray_cluster):
+    free = ray_cluster.available_resources()
+    assert actor_count(BulkJob(num_cpus=0.5)) == max(1, int(free["CPU"] / 0.5))
+    assert actor_count(BulkJob(num_cpus=1, concurrency=7)) == 7
+    assert actor_count(BulkJob(num_cpus=free["CPU"] * 4)) == 1  # a bigger actor than fits still gets one (it waits)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"num_cpus": 0}, "concurrency: give a number of actors"),
+    ({"concurrency": 0}, "concurrency"),
+    ({"batch_size": 0}, "batch_size"),
+])
+def test_bad_bulk_options_name_the_field(options, message):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        BulkJob(**options)

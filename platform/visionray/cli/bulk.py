@@ -38,13 +38,13 @@ def predict_batch(src: str, output: Optional[str], model: Optional[str], registr
         accuracy = folder_accuracy(read_done(output), source.classes)
     summary = {"output": output, "model": source.ref, "inputs": inputs.total, "scored": result.scored,
                "skipped": result.skipped, "rejected": result.rejected, "ignored": result.ignored,
-               "seconds": round(result.seconds, 2), "images_per_s": round(result.scored / result.seconds, 1) if result.seconds else None,
+               "actors": result.actors, "seconds": round(result.seconds, 2), "images_per_s": round(result.scored / result.seconds, 1) if result.seconds else None,
                "folder_accuracy": accuracy}
     if as_json:
         print(json.dumps(summary))
         return
-    console.print(f"{result.scored} images scored with {source.ref} into {output} in {result.seconds:.1f} s"
-                  f" ({result.skipped} already there, {result.rejected} rejected)", highlight=False)
+    console.print(f"{result.scored} images scored with {source.ref} into {output} in {result.seconds:.1f} s by "
+                  f"{result.actors} actors ({result.skipped} already there, {result.rejected} rejected)", highlight=False)
     if result.ignored:
         console.print(f"  {result.ignored} files without an image suffix were not scored", highlight=False)
     if accuracy is not None:

@@ -222,7 +222,8 @@ def predict_command(
     registry: Optional[str] = RegistryOption,
     public_key: list[Path] = PublicKeyOption,
     batch_size: int = typer.Option(256, "--batch-size", min=1, max=65536, help="with --batch: images per forward pass"),
-    concurrency: int = typer.Option(1, "--concurrency", min=1, max=4096, help="with --batch: actors holding the model"),
+    concurrency: Optional[int] = typer.Option(None, "--concurrency", min=1, max=4096, show_default="as many as the free "
+                                              "CPUs (GPUs) hold", help="with --batch: actors holding the model"),
     cpus: float = typer.Option(1.0, "--cpus", min=0.0, max=256, help="with --batch: CPUs per actor"),
     gpus: float = typer.Option(0.0, "--gpus", min=0.0, max=8, help="with --batch: GPUs per actor"),
     decode_workers: int = typer.Option(2, "--decode-workers", min=1, max=64, help="with --batch: sandboxed decoders per actor"),

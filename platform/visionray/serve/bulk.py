@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from visionray import storage
 from visionray.data.folders import ARCHIVE_SUFFIXES, IMAGE_EXTENSIONS, extract_archive
@@ -48,12 +48,33 @@ class BulkJob(Strict):
 
     top_k: int = Field(5, ge=1, le=1000, description="labels per image")
     batch_size: int = Field(256, ge=1, le=65536, description="images per forward pass of one actor")
-    concurrency: int = Field(1, ge=1, le=4096, description="actors holding the model")
+    concurrency: int | None = Field(None, ge=1, le=4096, description="actors holding the model; default: as many as "
+                                    "the cluster's free CPUs (and GPUs, with num_gpus) hold when the run starts")
     num_cpus: float = Field(1.0, ge=0.0, le=256, description="CPUs reserved per actor (its torch threads)")
     num_gpus: float = Field(0.0, ge=0.0, le=8, description="GPUs per actor (fractions share one)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the actor has a GPU")
     sanitizer: SanitizerSpec = Field(default_factory=lambda: SanitizerSpec(decode_workers=2),
                                      description="limits per image, as in serving; decode_workers per actor")
+
+    @model_validator(mode="after")
+    def _sized(self) -> "BulkJob":
+        if self.concurrency is None and not (self.num_cpus or self.num_gpus):
+            raise ValueError(f"concurrency: give a number of actors when they reserve no CPU or GPU "
+                             f"(num_cpus={self.num_cpus:g}, num_gpus={self.num_gpus:g}): nothing to size the pool by")
+        return self
+
+
+def actor_count(job: BulkJob) -> int:
+    """``job.concurrency``, else as many actors as the cluster's free CPUs (and GPUs) hold now.
+    On CPU, one-CPU actors side by side beat one actor with every core's threads (measured in
+    ``benchmarks/bulk.py``: the threads of one forward pass wait on each other and on the decoders)."""
+    if job.concurrency is not None:
+        return job.concurrency
+    import ray
+
+    free = ray.available_resources()
+    fits = [free.get(kind, 0.0) / need for kind, need in (("CPU", job.num_cpus), ("GPU", job.num_gpus)) if need]
+    return max(1, int(min(fits) + 1e-9))
 
 
 ROW_COLUMNS = ("path", "status", "reason", "labels", "probabilities", "model", "version")
@@ -220,6 +241,7 @@ class BulkResult:
     rejected: int     # of this run's rows
     ignored: int      # files without an image suffix
     seconds: float
+    actors: int       # holding the model (0: nothing left to score)
 
 
 def _parts_dir(output: str) -> str:
@@ -272,6 +294,7 @@ def score(inputs: Inputs, source: Source, job: BulkJob, output: str,
     import ray
 
     t0 = time.perf_counter()
+    actors = actor_count(job)
     fs, path = storage.resolve(output)
     done = frozenset(read_done(output).column("path").to_pylist())
     if inputs.shards:
@@ -282,14 +305,14 @@ def score(inputs: Inputs, source: Source, job: BulkJob, output: str,
     else:
         todo = [n for n in inputs.names if n not in done]
         already = len(inputs.names) - len(todo)
-        blocks = min(len(todo), max(2 * job.concurrency, len(todo) // 1024))  # every actor busy; ~1,024 names a read task
+        blocks = min(len(todo), max(2 * actors, len(todo) // 1024))  # every actor busy; ~1,024 names a read task
         ds = ray.data.from_items([{"path": n} for n in todo], override_num_blocks=blocks).map_batches(
             read_files, batch_size=256, fn_kwargs={"filesystem": inputs.filesystem, "base": inputs.base,
                                                    "max_bytes": job.sanitizer.max_body_bytes},
             **_read_tasks()) if todo else None
     if ds is not None:
         ds = ds.map_batches(Scorer, fn_constructor_kwargs={"source": source, "job": job}, batch_size=job.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=job.concurrency), num_cpus=job.num_cpus,
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=job.num_cpus,
                             num_gpus=job.num_gpus)
     written, rejected, buffer = 0, 0, []
     already = len(done & set(inputs.names)) if inputs.names else len(done)
@@ -316,7 +339,8 @@ def score(inputs: Inputs, source: Source, job: BulkJob, output: str,
         fs.delete_dir(_parts_dir(path))
     except (FileNotFoundError, OSError):
         pass
-    return BulkResult(output, written, already, rejected, inputs.ignored, time.perf_counter() - t0)
+    return BulkResult(output, written, already, rejected, inputs.ignored, time.perf_counter() - t0,
+                      actors if ds is not None else 0)
 
 
 def folder_accuracy(table, classes: tuple[str, ...]) -> dict[str, Any] | None:
