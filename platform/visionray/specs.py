@@ -224,7 +224,9 @@ class ScalingSpec(Strict):
     gpu: bool = Field(False, description="one GPU per worker (nccl); off: CPU (gloo)")
     cpus_per_worker: float = Field(1.0, gt=0.0, le=256)
     resources_per_worker: dict[str, float] = Field(default_factory=dict, description="extra Ray resources")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    precision: Literal["auto", "fastest", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU; fastest: bf16 on GPU, and on CPU bf16 autocast when a "
+        "timed probe step runs it faster than fp32 (CPUs with AMX or AVX512-BF16), else fp32")
     channels_last: bool | None = Field(None, description="channels_last memory format; default: on with GPU")
     compile: bool = Field(False, description="torch.compile the model (first epoch includes compile time)")
 

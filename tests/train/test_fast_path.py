@@ -309,3 +309,29 @@ def test_compile_warm_up_is_timed_apart_and_changes_no_weight():
     metrics = compiled.run_epoch(0)
     assert counters["stats"]["unique_graphs"] == graphs, "the first epoch compiled a graph the warm-up missed"
     assert metrics["compile_s"] == compiled.compile_s and metrics["epoch_s"] > 0
+
+
+def test_fastest_precision_trains_in_bf16_exactly_when_the_probe_measures_it_faster():
+    """`scaling.precision: fastest` on CPU: the probe times bf16 autocast against fp32 on this very
+    CPU and the worker trains in whichever the rule picks (bf16 on AMX/AVX512-BF16 CPUs, fp32 on
+    others); the probe leaves the model's weights as they were, and the first epoch reports it."""
+    from visionray import defaults
+    from visionray.models import create_model
+    from visionray.train.epoch import bf16_speedup
+
+    model = create_model("airbench", 10, 3, 16, width=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    speedup = bf16_speedup(model, (3, 16, 16), torch.device("cpu"), channels_last=True)
+    assert speedup > 0 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    small = ["data.source=digits", "data.path=null", "data.channels=3", "data.mean=null", "data.std=null",
+             "data.limit=400", "model.width=8", "optim.epochs=1", "optim.batch_size=128"]
+    spec = load_spec("jobs/cifar10-cpu.yaml", small)
+    assert spec.scaling.precision == "fastest"  # the CPU recipe measures rather than guesses
+    worker = Worker(spec, 0, 1, torch.device("cpu"))
+    chose_bf16 = worker.rt.autocast_dtype == torch.bfloat16
+    assert chose_bf16 == (worker.bf16_speedup >= defaults.BF16_MIN_SPEEDUP), worker.bf16_speedup
+    metrics = worker.run_epoch(0)
+    assert metrics["bf16_speedup"] == worker.bf16_speedup and metrics["train_loss"] == metrics["train_loss"]  # not NaN
+    explicit = Worker(load_spec("jobs/cifar10-cpu.yaml", [*small, "scaling.precision=fp32"]), 0, 1, torch.device("cpu"))
+    assert explicit.bf16_speedup is None and explicit.rt.autocast_dtype is None

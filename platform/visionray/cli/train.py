@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from visionray.defaults import BF16_MIN_SPEEDUP
 from visionray.cli.common import QUICKSTART, AddressOption, SetOption, console, err, fail, fmt, user_errors
 from visionray.cli.registry import PublicKeyOption, RegistryOption, check_registration, load_for_cli, register_after_run
 
@@ -113,6 +114,10 @@ def train(
         def on_report(item: dict[str, Any]) -> None:
             if "metrics" in item:
                 rows.append(item["metrics"])
+                if "bf16_speedup" in item["metrics"]:  # precision: fastest's choice, once
+                    speedup = item["metrics"]["bf16_speedup"]
+                    console.print(f"precision: {'bf16 autocast' if speedup >= BF16_MIN_SPEEDUP else 'fp32'} (a probe "
+                                  f"step ran {speedup:.2f}x as fast under bf16 as in fp32 on this CPU)", highlight=False)
                 live.update(_epoch_table(spec, rows))
                 if not console.is_terminal:  # job logs, pipes: one plain line per epoch (rich prints only the last table)
                     m = item["metrics"]

@@ -14,11 +14,12 @@ import torch
 from torch import nn
 
 from visionray import checkpoint as ckpt
+from visionray import defaults
 from visionray.data.pipelines import open_pipeline
 from visionray.data.streaming import StreamInfo
 from visionray.models import create_model
 from visionray.specs import TrainSpec
-from visionray.train.epoch import Runtime, evaluate, train_one_epoch
+from visionray.train.epoch import Runtime, bf16_speedup, evaluate, train_one_epoch
 from visionray.train.optim import Lookahead, build_optimizer, effective_lr, lr_factors
 
 
@@ -69,19 +70,24 @@ class Worker:
         self.spec, self.rank, self.world = spec, rank, world
         torch.manual_seed(spec.seed)
         gpu = device.type == "cuda"
-        precision = spec.scaling.precision if spec.scaling.precision != "auto" else ("bf16" if gpu else "fp32")
-        self.rt = rt = Runtime(
-            device=device,
-            autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
-            channels_last=spec.scaling.channels_last if spec.scaling.channels_last is not None else gpu,
-            world_size=world,
-        )
+        channels_last = spec.scaling.channels_last if spec.scaling.channels_last is not None else gpu
         self.data = data = open_pipeline(spec, rank, world, device, stream)
         self.classes, self.preset, steps = data.classes, data.preset, data.steps_per_epoch
 
         model = create_model(spec.model.name, len(self.classes), self.preset.channels, self.preset.image_size,
                              **spec.model.kwargs())
-        model = model.to(device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+        model = model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        precision, self.bf16_speedup = spec.scaling.precision, None
+        if precision == "fastest" and not gpu:  # each worker measures its own CPU (nodes may differ)
+            shape = (self.preset.channels, self.preset.image_size, self.preset.image_size)
+            self.bf16_speedup = bf16_speedup(model, shape, device, channels_last)
+            precision = "bf16" if self.bf16_speedup >= defaults.BF16_MIN_SPEEDUP else "fp32"
+        elif precision in ("auto", "fastest"):
+            precision = "bf16" if gpu else "fp32"
+        self.rt = rt = Runtime(
+            device=device, autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+            channels_last=channels_last, world_size=world,
+        )
         self.optimizer = build_optimizer(spec.optim, model, effective_lr(spec.optim, spec.optim.batch_size * world))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factors(spec.optim, self.optimizer, steps))
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -125,6 +131,8 @@ class Worker:
             metrics["skipped_images"] = len(self.data.skipped)  # data.on_bad_file: skip
         if self.compile_s is not None and epoch == self.start_epoch:
             metrics["compile_s"] = self.compile_s  # kept out of epoch_s
+        if self.bf16_speedup is not None and epoch == self.start_epoch:
+            metrics["bf16_speedup"] = self.bf16_speedup  # precision: fastest's probe (>= BF16_MIN_SPEEDUP: bf16)
         metrics |= train_one_epoch(
             self.model, train_batches, self.optimizer, self.scheduler, self.scaler, self.criterion, self.rt,
             self.spec.optim.grad_clip, self.lookahead,
