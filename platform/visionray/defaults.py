@@ -32,3 +32,9 @@ STATE_KEY_FILE = Path.home() / ".config" / "visionray" / "state.key"
 # much faster than fp32: CPUs with AMX or AVX512-BF16 run bf16 2-3x faster, others 10x slower.
 BF16_MIN_SPEEDUP = 1.1  # x the fp32 step rate
 PROBE_IMAGES = 32  # images per probe step
+
+# `optim.time_budget_s`: an epoch's wall time is estimated from a timed training step at the real
+# batch size divided by this (real epochs, with the data pipeline, lookahead and the optimiser step,
+# ran at 0.82-0.84 of the bare step's rate on two CPUs), plus the evaluation at a third of a step
+# per batch and test-time view.
+BUDGET_STEP_EFFICIENCY = 0.82  # real epoch rate / timed step rate

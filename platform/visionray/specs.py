@@ -180,7 +180,11 @@ class OptimSpec(Strict):
     name: Literal["sgd", "adam", "adamw", "muon"] = Field("adamw", description="sgd uses nesterov momentum; muon: Muon "
                                                            "for conv filters (`muon`), sgd for the rest")
     muon: MuonSpec | None = Field(None, description="Muon's own parameters (name: muon; default {} )")
-    epochs: int = Field(10, ge=1, le=10_000)
+    epochs: int = Field(10, ge=1, le=10_000, description="epochs; with time_budget_s: at most this many")
+    time_budget_s: float | None = Field(
+        None, ge=60, le=30 * 86400, description="wall seconds from the start of the run to the end of its last epoch "
+        "(data loading included): the epoch count is the most that fit, at most `epochs`, decided once before the "
+        "first step from a timed step (kept on resume), so the schedule spans the run it will be")
     batch_size: int = Field(64, ge=1, le=65536, description="images per worker per step")
     lr: float = Field(4e-3, gt=0.0, le=100.0, description="learning rate per 256 images of global batch")
     scale_lr: bool = Field(True, description="scale lr linearly by global batch / 256; off: lr is used as given")

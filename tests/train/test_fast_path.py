@@ -335,3 +335,41 @@ def test_fastest_precision_trains_in_bf16_exactly_when_the_probe_measures_it_fas
     assert metrics["bf16_speedup"] == worker.bf16_speedup and metrics["train_loss"] == metrics["train_loss"]  # not NaN
     explicit = Worker(load_spec("jobs/cifar10-cpu.yaml", [*small, "scaling.precision=fp32"]), 0, 1, torch.device("cpu"))
     assert explicit.bf16_speedup is None and explicit.rt.autocast_dtype is None
+
+
+BUDGET_SMALL = ["data.source=digits", "data.path=null", "data.channels=3", "data.mean=null", "data.std=null",
+                "data.limit=400", "model.width=8", "optim.batch_size=128", "scaling.precision=fp32"]
+
+
+def test_a_time_budget_plans_the_epochs_that_fit_and_a_resumed_run_keeps_them(tmp_path):
+    """`optim.time_budget_s`: the epoch count is decided before the first step, capped by
+    `optim.epochs`, at least 1; the run's spec, schedule and checkpoints carry it, and a run
+    restored from that checkpoint keeps it whatever its own budget would now say."""
+    import time
+
+    roomy = Worker(load_spec("jobs/cifar10-cpu.yaml", [*BUDGET_SMALL, "optim.epochs=3", "optim.time_budget_s=3600"]),
+                   0, 1, torch.device("cpu"))
+    assert roomy.spec.optim.epochs == 3 and roomy.lookahead.total == 3 * roomy.data.steps_per_epoch
+    spent = load_spec("jobs/cifar10-cpu.yaml", [*BUDGET_SMALL, "optim.epochs=40", "optim.time_budget_s=60"])
+    late = Worker(spent, 0, 1, torch.device("cpu"), started_at=time.time() - 59.9)  # nothing left: one epoch
+    assert late.spec.optim.epochs == 1 and spent.optim.epochs == 40  # the caller's spec is not changed
+    metrics = late.run_epoch(0)
+    assert metrics["planned_epochs"] == 1 and late.checkpoint_due(0)
+    late.save(tmp_path, metrics, 1)
+    assert json.loads((tmp_path / "metadata.json").read_text())["spec"]["optim"]["epochs"] == 1
+    resumed = Worker(load_spec("jobs/cifar10-cpu.yaml", [*BUDGET_SMALL, "optim.epochs=40", "optim.time_budget_s=3600"]),
+                     0, 1, torch.device("cpu"), restore_dir=tmp_path)
+    assert resumed.spec.optim.epochs == 1 and resumed.start_epoch == 1  # planned once, kept on resume
+
+
+def test_epochs_within_grows_with_the_budget_and_stays_in_bounds():
+    from visionray.models import create_model
+    from visionray.train.epoch import Runtime, epochs_within
+
+    model = create_model("airbench", 10, 3, 16, width=8)
+    rt = Runtime(device=torch.device("cpu"), autocast_dtype=None, channels_last=False, world_size=1)
+    plans = [epochs_within(budget, 0.0, model, rt, 64, (3, 16, 16), train_steps=50, val_steps=5, views=2, most=10**6)
+             for budget in (1.0, 20.0, 400.0)]
+    assert plans[0] >= 1 and plans[0] <= plans[1] < plans[2]
+    assert epochs_within(1e6, 0.0, model, rt, 64, (3, 16, 16), 50, 5, 2, most=7) == 7
+    assert epochs_within(10.0, 50.0, model, rt, 64, (3, 16, 16), 50, 5, 2, most=7) == 1  # over budget already

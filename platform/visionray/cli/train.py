@@ -62,7 +62,7 @@ def _epoch_table(spec, rows: list[dict[str, Any]]) -> Table:
         table.add_column(col, justify="right")
     for m in rows:
         table.add_row(
-            f"{m['epoch']}/{spec.optim.epochs}", fmt(m["train_loss"]), fmt(m["val_loss"]), fmt(m["val_acc"]),
+            f"{m['epoch']}/{m.get('planned_epochs', spec.optim.epochs)}", fmt(m["train_loss"]), fmt(m["val_loss"]), fmt(m["val_acc"]),
             fmt(m.get("val_top5")), f"{m['images_per_s']:.0f}", f"{m['epoch_s']:.1f}",
         )
     return table
@@ -121,7 +121,7 @@ def train(
                 live.update(_epoch_table(spec, rows))
                 if not console.is_terminal:  # job logs, pipes: one plain line per epoch (rich prints only the last table)
                     m = item["metrics"]
-                    console.print(f"epoch {m['epoch']}/{spec.optim.epochs}: train_loss {fmt(m['train_loss'])} "
+                    console.print(f"epoch {m['epoch']}/{m.get('planned_epochs', spec.optim.epochs)}: train_loss {fmt(m['train_loss'])} "
                                   f"val_loss {fmt(m['val_loss'])} val_acc {fmt(m['val_acc'])} "
                                   f"{m['images_per_s']:.0f} img/s {m['epoch_s']:.1f} s", highlight=False)
             elif "error" in item:
@@ -138,12 +138,12 @@ def train(
             fail([f"{type(exc).__name__}: {exc}"], "training failed", code=1)
     best = best_checkpoint(run_dir(spec)) if "://" not in spec.output.storage else result.checkpoint.path
     console.print()
-    _summary(spec, best, time.time() - start)
+    _summary(spec, best, time.time() - start, rows[-1].get("planned_epochs") if rows else None)
     if spec.registration is not None:
         register_after_run(spec.registration, best, lineage={"job": spec.output.name, "run_dir": run_dir(spec)})
 
 
-def _summary(spec, best: Any, seconds: float) -> None:
+def _summary(spec, best: Any, seconds: float, epochs: int | None = None) -> None:
     from visionray.checkpoint import read_metadata
 
     meta = read_metadata(Path(best)) if "://" not in str(best) else None
@@ -151,7 +151,7 @@ def _summary(spec, best: Any, seconds: float) -> None:
     table.add_row("job", spec.output.name)
     if meta:
         m = meta.metrics
-        table.add_row("best epoch", f"{meta.epoch}/{spec.optim.epochs}")
+        table.add_row("best epoch", f"{meta.epoch}/{epochs or spec.optim.epochs}")
         table.add_row("val accuracy", f"{m['val_acc']:.4f}" + (f" (top-5 {m['val_top5']:.4f})" if "val_top5" in m else ""))
     table.add_row("checkpoint", str(best))
     table.add_row("metrics", f"{spec.output.storage}/{spec.output.name}/metrics.csv, tensorboard/")

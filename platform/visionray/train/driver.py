@@ -3,6 +3,7 @@ policy, fault tolerance) and a run with live progress (``fit_with_progress``).""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,7 +22,7 @@ def build_trainer(spec: TrainSpec, callbacks: list | None = None):
     from ray.train.torch import TorchTrainer
 
     spec = with_absolute_paths(spec)  # the workers' directories are not this one
-    config: dict[str, Any] = {"spec": spec}
+    config: dict[str, Any] = {"spec": spec, "started_at": time.time()}  # optim.time_budget_s counts from here
     datasets = None
     if spec.data.streaming:
         manifest = read_manifest(spec.data.path) if spec.data.source == "shards" else None  # read once, here

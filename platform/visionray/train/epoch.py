@@ -39,6 +39,14 @@ class Runtime:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return images.to(self.device, non_blocking=True, memory_format=fmt), labels.to(self.device, non_blocking=True)
 
+    def from_rank0(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank (decisions that must agree, made from local timings)."""
+        if self.world_size == 1 or not dist.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.broadcast(t, 0)
+        return int(t.item())
+
     def all_sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
         if self.world_size > 1:
@@ -109,20 +117,40 @@ def evaluate(model: nn.Module, batches: Iterable, rt: Runtime, num_classes: int,
     return out
 
 
+def _step_seconds(probe: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> float:
+    """Seconds of one training step's forward and backward of ``probe`` on ``x`` (after an untimed
+    first step, which allocates and picks kernels)."""
+    for _ in range(2):
+        start = time.perf_counter()
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            loss = probe(x).float().logsumexp(1).mean()
+        loss.backward()
+        probe.zero_grad(set_to_none=True)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return time.perf_counter() - start
+
+
+def _probe_batch(model: nn.Module, n: int, shape: tuple[int, int, int], device: torch.device,
+                 channels_last: bool) -> tuple[nn.Module, torch.Tensor]:
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return copy.deepcopy(model).train(), torch.randn(n, *shape, device=device).contiguous(memory_format=fmt)
+
+
 def bf16_speedup(model: nn.Module, shape: tuple[int, int, int], device: torch.device, channels_last: bool) -> float:
     """How many times faster a training step (forward and backward) of ``model`` runs under bf16
     autocast than in fp32 on ``device``, timed on a copy of the model (its weights and buffers stay
     as they are) with a synthetic batch of ``defaults.PROBE_IMAGES`` images of ``shape``."""
-    probe = copy.deepcopy(model).train()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    x = torch.randn(defaults.PROBE_IMAGES, *shape, device=device).contiguous(memory_format=fmt)
-    seconds = {}
-    for dtype in (None, torch.bfloat16):
-        for timed in (False, True):  # the first step of each allocates and picks kernels: untimed
-            start = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss = probe(x).float().logsumexp(1).mean()
-            loss.backward()
-            probe.zero_grad(set_to_none=True)
-            seconds[dtype] = time.perf_counter() - start
-    return seconds[None] / seconds[torch.bfloat16]
+    probe, x = _probe_batch(model, defaults.PROBE_IMAGES, shape, device, channels_last)
+    return _step_seconds(probe, x, None) / _step_seconds(probe, x, torch.bfloat16)
+
+
+def epochs_within(budget_s: float, elapsed_s: float, model: nn.Module, rt: Runtime, batch_size: int,
+                  shape: tuple[int, int, int], train_steps: int, val_steps: int, views: int, most: int) -> int:
+    """The most epochs (1 to ``most``) whose estimated wall time fits in what is left of ``budget_s``
+    after ``elapsed_s``: a timed step at the real batch size (on a copy of the model, under the run's
+    precision) scaled by ``defaults.BUDGET_STEP_EFFICIENCY``, plus the evaluation's forward passes."""
+    probe, x = _probe_batch(model, batch_size, shape, rt.device, rt.channels_last)
+    step = _step_seconds(probe, x, rt.autocast_dtype) / defaults.BUDGET_STEP_EFFICIENCY
+    epoch = train_steps * step + val_steps * views * step / 3
+    return max(1, min(most, int((budget_s - elapsed_s) // epoch)))

@@ -5,6 +5,7 @@ restores Ray's latest checkpoint; ``train_loop_per_worker`` then runs ``train_on
 from __future__ import annotations
 
 import contextlib
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -17,9 +18,9 @@ from visionray import checkpoint as ckpt
 from visionray import defaults
 from visionray.data.pipelines import open_pipeline
 from visionray.data.streaming import StreamInfo
-from visionray.models import create_model
+from visionray.models import TTA_VIEWS, create_model
 from visionray.specs import TrainSpec
-from visionray.train.epoch import Runtime, bf16_speedup, evaluate, train_one_epoch
+from visionray.train.epoch import Runtime, bf16_speedup, epochs_within, evaluate, train_one_epoch
 from visionray.train.optim import Lookahead, build_optimizer, effective_lr, lr_factors
 
 
@@ -65,8 +66,9 @@ class Worker:
     def __init__(
         self, spec: TrainSpec, rank: int, world: int, device: torch.device, *,
         wrap: Callable[[nn.Module], nn.Module] = lambda m: m, restore_dir: Path | None = None,
-        stream: StreamInfo | None = None,
+        stream: StreamInfo | None = None, started_at: float | None = None,
     ):
+        started_at = time.time() if started_at is None else started_at  # optim.time_budget_s counts from here
         self.spec, self.rank, self.world = spec, rank, world
         torch.manual_seed(spec.seed)
         gpu = device.type == "cuda"
@@ -88,12 +90,15 @@ class Worker:
             device=device, autocast_dtype={"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
             channels_last=channels_last, world_size=world,
         )
+        state = ckpt.load_train_state(restore_dir, device) if restore_dir is not None else None
+        epochs = self._planned_epochs(state, model, started_at)
+        if epochs != spec.optim.epochs:  # the run's own spec from here on: schedule, checkpoints, the loop
+            self.spec = spec = spec.model_copy(update={"optim": spec.optim.model_copy(update={"epochs": epochs})})
         self.optimizer = build_optimizer(spec.optim, model, effective_lr(spec.optim, spec.optim.batch_size * world))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factors(spec.optim, self.optimizer, steps))
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.start_epoch = 0
-        if restore_dir is not None:
-            state = ckpt.load_train_state(restore_dir, device)
+        if state is not None:
             model.load_state_dict(ckpt.load_model(restore_dir, device)[0].state_dict())
             self._restore_optimisation(state)
             self.start_epoch = state["epoch"]
@@ -102,7 +107,7 @@ class Worker:
         self.lookahead = None
         if spec.optim.lookahead is not None:  # built on the restored weights; a checkpoint's average replaces them
             self.lookahead = Lookahead(model, spec.optim.lookahead, spec.optim.epochs * steps)
-            if restore_dir is not None and "lookahead" in state:
+            if state is not None and "lookahead" in state:
                 self.lookahead.load_state_dict(state["lookahead"])
         self.model = wrap(model)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=spec.optim.label_smoothing)
@@ -110,6 +115,21 @@ class Worker:
         if spec.scaling.compile:
             self.model = torch.compile(self.model)
             self.compile_s = _warm_up(self)
+
+    def _planned_epochs(self, state: dict[str, Any] | None, model: nn.Module, started_at: float) -> int:
+        """``optim.epochs``; under ``optim.time_budget_s`` the most epochs that fit (rank 0's estimate,
+        the same on every rank); a resumed run keeps the count its checkpoint was planned with."""
+        optim, data = self.spec.optim, self.spec.data
+        if state is not None and "epochs" in state:
+            return int(state["epochs"])
+        if optim.time_budget_s is None:
+            return optim.epochs
+        steps = self.data.steps_per_epoch
+        val_steps = math.ceil(steps * data.val_fraction / (1 - data.val_fraction))  # an estimate: splits hold it out
+        shape = (self.preset.channels, self.preset.image_size, self.preset.image_size)
+        epochs = epochs_within(optim.time_budget_s, time.time() - started_at, model, self.rt, optim.batch_size, shape,
+                               steps, val_steps, TTA_VIEWS[self.spec.evaluation.tta], optim.epochs)
+        return self.rt.from_rank0(max(epochs, int(optim.warmup_epochs) + 1))
 
     def _restore_optimisation(self, state: dict[str, Any]) -> None:
         """Load optimiser, schedule and scaler state, keeping this spec's hyperparameters (lr, weight
@@ -126,7 +146,8 @@ class Worker:
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         train_batches, val_batches = self.data.epoch(epoch)
-        metrics: dict[str, Any] = {"epoch": epoch + 1, "lr": self.scheduler.get_last_lr()[0]}
+        metrics: dict[str, Any] = {"epoch": epoch + 1, "planned_epochs": self.spec.optim.epochs,
+                                   "lr": self.scheduler.get_last_lr()[0]}
         if self.data.skipped:
             metrics["skipped_images"] = len(self.data.skipped)  # data.on_bad_file: skip
         if self.compile_s is not None and epoch == self.start_epoch:
@@ -148,7 +169,7 @@ class Worker:
             classes=self.classes, preset=self.preset, metrics=metrics, epoch=epoch, skipped=self.data.skipped,
             train_state={
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(), "epoch": epoch,
+                "scaler": self.scaler.state_dict(), "epoch": epoch, "epochs": self.spec.optim.epochs,
             } | ({"lookahead": self.lookahead.state_dict()} if self.lookahead is not None else {}),
         )
 
@@ -167,6 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             spec, rank, world, ray.train.torch.get_device(),
             wrap=lambda m: ray.train.torch.prepare_model(m, parallel_strategy="ddp" if world > 1 else None),
             restore_dir=Path(restore_dir) if restore_dir else None, stream=config.get("stream"),
+            started_at=config.get("started_at"),
         )
     run_epochs(worker, lambda metrics, directory, epoch: ray.train.report(
         metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if directory else None,
