@@ -121,6 +121,8 @@ def _step_seconds(probe: nn.Module, x: torch.Tensor, dtype: torch.dtype | None) 
     """Seconds of one training step's forward and backward of ``probe`` on ``x`` (after an untimed
     first step, which allocates and picks kernels)."""
     for _ in range(2):
+        if x.device.type == "cuda":
+            torch.cuda.synchronize(x.device)
         start = time.perf_counter()
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
             loss = probe(x).float().logsumexp(1).mean()

@@ -118,12 +118,13 @@ class Worker:
 
     def _planned_epochs(self, state: dict[str, Any] | None, model: nn.Module, started_at: float) -> int:
         """``optim.epochs``; under ``optim.time_budget_s`` the most epochs that fit (rank 0's estimate,
-        the same on every rank); a resumed run keeps the count its checkpoint was planned with."""
+        the same on every rank), and a resumed run keeps the count its checkpoint was planned with
+        (without a budget a resumed run follows its spec: ``--set optim.epochs=N`` trains on to N)."""
         optim, data = self.spec.optim, self.spec.data
-        if state is not None and "epochs" in state:
-            return int(state["epochs"])
         if optim.time_budget_s is None:
             return optim.epochs
+        if state is not None and "epochs" in state:
+            return min(int(state["epochs"]), optim.epochs)
         steps = self.data.steps_per_epoch
         val_steps = math.ceil(steps * data.val_fraction / (1 - data.val_fraction))  # an estimate: splits hold it out
         shape = (self.preset.channels, self.preset.image_size, self.preset.image_size)
