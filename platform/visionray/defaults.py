@@ -34,7 +34,7 @@ BF16_MIN_SPEEDUP = 1.1  # x the fp32 step rate
 PROBE_IMAGES = 32  # images per probe step
 
 # `optim.time_budget_s`: an epoch's wall time is estimated from a timed training step at the real
-# batch size divided by this (real epochs, with the data pipeline, lookahead and the optimiser step,
-# ran at 0.82-0.84 of the bare step's rate on two CPUs), plus the evaluation at a third of a step
-# per batch and test-time view.
+# batch size divided by this (real epochs of the CPU recipe, with the data pipeline, lookahead and
+# the optimiser step, ran at 0.79-0.88 of the timed forward+backward's rate on a 2-vCPU AMX Xeon),
+# plus the evaluation at a third of a step per batch and test-time view.
 BUDGET_STEP_EFFICIENCY = 0.82  # real epoch rate / timed step rate
