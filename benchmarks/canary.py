@@ -19,7 +19,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,36 +29,8 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _registry(root: Path) -> tuple[Path, Path]:
-    """digits v1 and v2 (two seeds of the quickstart net, untrained), signed; returns (registry, public key)."""
-    import torch
-
-    from visionray.checkpoint import save_checkpoint
-    from visionray.models import create_model
-    from visionray.registry.keys import generate_keys
-    from visionray.registry.registry import Registry
-    from visionray.specs import load_spec
-
-    spec = load_spec(REPO / "jobs" / "quickstart.yaml")
-    preset = spec.eval_preset(1)
-    private, public = generate_keys(root / "signer")
-    registry = Registry(str(root / "registry"))
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        model = create_model(spec.model.name, 10, preset.channels, preset.image_size, **spec.model.kwargs())
-        ckpt = root / f"ckpt{seed}"
-        save_checkpoint(ckpt, model, spec=spec, classes=[str(i) for i in range(10)], preset=preset,
-                        metrics={"val_acc": 0.1}, epoch=1)
-        registry.register(ckpt, "digits", private_key=private)
-    return root / "registry", public
+sys.path.insert(0, str(HERE))
+from soak import free_port, register_untrained  # noqa: E402  (benchmarks/soak.py)
 
 
 def main() -> None:
@@ -74,10 +45,14 @@ def main() -> None:
 
     from visionray.serve.client import Client
 
+    from visionray.specs import load_spec
+
     tmp = Path(tempfile.mkdtemp(prefix="bench-canary-"))
-    registry, public = _registry(tmp)
+    quick = load_spec(REPO / "jobs" / "quickstart.yaml")  # v1 and v2: two seeds of the quickstart net, untrained
+    registry, public = register_untrained(tmp, "digits", quick.model.name, quick.model.kwargs(), channels=1,
+                                          size=quick.data.image_size, versions=2)
     config = yaml.safe_load((REPO / "serve" / "digits.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
     app = config["applications"][0]["args"]
     app.update(model="digits@1", registry=str(registry), public_keys=[str(public)],

@@ -53,9 +53,9 @@ log = logging.getLogger("soak")
 
 
 def register_untrained(root: Path, name: str, arch: str, kwargs: dict[str, Any], channels: int, size: int,
-                       num_classes: int = 10, seed: int = 0) -> tuple[Path, Path]:
+                       num_classes: int = 10, seed: int = 0, versions: int = 1) -> tuple[Path, Path]:
     """Register an untrained ``arch`` as ``name@best`` in a fresh registry at ``root``, signed with a
-    fresh key pair. Returns (registry root, public key)."""
+    fresh key pair; ``versions`` > 1 adds versions 2.. (seeds seed+1..). Returns (registry root, public key)."""
     import torch
 
     from visionray.registry.keys import generate_keys
@@ -64,15 +64,16 @@ def register_untrained(root: Path, name: str, arch: str, kwargs: dict[str, Any],
     from visionray.models import create_model
     from visionray.specs import EvalPreset, TrainSpec
 
-    torch.manual_seed(seed)
     private, public = generate_keys(root / "keys" / "signer")
     preset = EvalPreset(image_size=size, channels=channels, mean=[0.5] * channels, std=[0.25] * channels)
-    ckpt = root / "ckpt" / name
     spec = TrainSpec.model_validate({"model": {"name": arch, **kwargs}})
-    save_checkpoint(ckpt, create_model(arch, num_classes, channels, size, **kwargs), spec=spec,
-                    classes=[f"c{i}" for i in range(num_classes)], preset=preset, metrics={}, epoch=0)
     registry = root / "registry"
-    Registry(str(registry)).register(ckpt, name, alias="best", private_key=private)
+    for version in range(1, versions + 1):
+        torch.manual_seed(seed + version - 1)
+        ckpt = root / "ckpt" / (name if version == 1 else f"{name}-v{version}")  # serve.py reads ckpt/<name>
+        save_checkpoint(ckpt, create_model(arch, num_classes, channels, size, **kwargs), spec=spec,
+                        classes=[f"c{i}" for i in range(num_classes)], preset=preset, metrics={}, epoch=0)
+        Registry(str(registry)).register(ckpt, name, alias="best" if version == 1 else None, private_key=private)
     return registry, public
 
 

@@ -14,7 +14,6 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from visionray.defaults import BF16_MIN_SPEEDUP
 from visionray.cli.common import QUICKSTART, AddressOption, SetOption, console, err, fail, fmt, user_errors
 from visionray.cli.registry import PublicKeyOption, RegistryOption, check_registration, load_for_cli, register_after_run
 
@@ -62,7 +61,7 @@ def _epoch_table(spec, rows: list[dict[str, Any]]) -> Table:
         table.add_column(col, justify="right")
     for m in rows:
         table.add_row(
-            f"{m['epoch']}/{m.get('planned_epochs', spec.optim.epochs)}", fmt(m["train_loss"]), fmt(m["val_loss"]), fmt(m["val_acc"]),
+            f"{m['epoch']}/{m['planned_epochs']}", fmt(m["train_loss"]), fmt(m["val_loss"]), fmt(m["val_acc"]),
             fmt(m.get("val_top5")), f"{m['images_per_s']:.0f}", f"{m['epoch_s']:.1f}",
         )
     return table
@@ -115,13 +114,15 @@ def train(
             if "metrics" in item:
                 rows.append(item["metrics"])
                 if "bf16_speedup" in item["metrics"]:  # precision: fastest's choice, once
+                    from visionray.train.epoch import bf16_pays
+
                     speedup = item["metrics"]["bf16_speedup"]
-                    console.print(f"precision: {'bf16 autocast' if speedup >= BF16_MIN_SPEEDUP else 'fp32'} (a probe "
+                    console.print(f"precision: {'bf16 autocast' if bf16_pays(speedup) else 'fp32'} (a probe "
                                   f"step ran {speedup:.2f}x as fast under bf16 as in fp32 on this CPU)", highlight=False)
                 live.update(_epoch_table(spec, rows))
                 if not console.is_terminal:  # job logs, pipes: one plain line per epoch (rich prints only the last table)
                     m = item["metrics"]
-                    console.print(f"epoch {m['epoch']}/{m.get('planned_epochs', spec.optim.epochs)}: train_loss {fmt(m['train_loss'])} "
+                    console.print(f"epoch {m['epoch']}/{m['planned_epochs']}: train_loss {fmt(m['train_loss'])} "
                                   f"val_loss {fmt(m['val_loss'])} val_acc {fmt(m['val_acc'])} "
                                   f"{m['images_per_s']:.0f} img/s {m['epoch_s']:.1f} s", highlight=False)
             elif "error" in item:
@@ -138,7 +139,7 @@ def train(
             fail([f"{type(exc).__name__}: {exc}"], "training failed", code=1)
     best = best_checkpoint(run_dir(spec)) if "://" not in spec.output.storage else result.checkpoint.path
     console.print()
-    _summary(spec, best, time.time() - start, rows[-1].get("planned_epochs") if rows else None)
+    _summary(spec, best, time.time() - start, rows[-1]["planned_epochs"] if rows else None)
     if spec.registration is not None:
         register_after_run(spec.registration, best, lineage={"job": spec.output.name, "run_dir": run_dir(spec)})
 

@@ -147,6 +147,12 @@ def bf16_speedup(model: nn.Module, shape: tuple[int, int, int], device: torch.de
     return _step_seconds(probe, x, None) / _step_seconds(probe, x, torch.bfloat16)
 
 
+def bf16_pays(speedup: float) -> bool:
+    """``precision: fastest``'s rule on CPU: bf16 autocast when the probe measured it at least
+    ``defaults.BF16_MIN_SPEEDUP`` times as fast as fp32."""
+    return speedup >= defaults.BF16_MIN_SPEEDUP
+
+
 def epochs_within(budget_s: float, elapsed_s: float, model: nn.Module, rt: Runtime, batch_size: int,
                   shape: tuple[int, int, int], train_steps: int, val_steps: int, views: int, most: int) -> int:
     """The most epochs (1 to ``most``) whose estimated wall time fits in what is left of ``budget_s``

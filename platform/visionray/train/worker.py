@@ -15,12 +15,11 @@ import torch
 from torch import nn
 
 from visionray import checkpoint as ckpt
-from visionray import defaults
 from visionray.data.pipelines import open_pipeline
 from visionray.data.streaming import StreamInfo
 from visionray.models import TTA_VIEWS, create_model
 from visionray.specs import TrainSpec
-from visionray.train.epoch import Runtime, bf16_speedup, epochs_within, evaluate, train_one_epoch
+from visionray.train.epoch import Runtime, bf16_pays, bf16_speedup, epochs_within, evaluate, train_one_epoch
 from visionray.train.optim import Lookahead, build_optimizer, effective_lr, lr_factors
 
 
@@ -83,7 +82,7 @@ class Worker:
         if precision == "fastest" and not gpu:  # each worker measures its own CPU (nodes may differ)
             shape = (self.preset.channels, self.preset.image_size, self.preset.image_size)
             self.bf16_speedup = bf16_speedup(model, shape, device, channels_last)
-            precision = "bf16" if self.bf16_speedup >= defaults.BF16_MIN_SPEEDUP else "fp32"
+            precision = "bf16" if bf16_pays(self.bf16_speedup) else "fp32"
         elif precision in ("auto", "fastest"):
             precision = "bf16" if gpu else "fp32"
         self.rt = rt = Runtime(
@@ -154,7 +153,7 @@ class Worker:
         if self.compile_s is not None and epoch == self.start_epoch:
             metrics["compile_s"] = self.compile_s  # kept out of epoch_s
         if self.bf16_speedup is not None and epoch == self.start_epoch:
-            metrics["bf16_speedup"] = self.bf16_speedup  # precision: fastest's probe (>= BF16_MIN_SPEEDUP: bf16)
+            metrics["bf16_speedup"] = self.bf16_speedup  # precision: fastest's probe (bf16_pays: trained in bf16)
         metrics |= train_one_epoch(
             self.model, train_batches, self.optimizer, self.scheduler, self.scaler, self.criterion, self.rt,
             self.spec.optim.grad_clip, self.lookahead,
