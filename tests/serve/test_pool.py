@@ -18,6 +18,8 @@ from tests.serve.test_sanitize import JPEG, PNG, encode, noise
 
 from visionray.serve.config import SanitizerSpec
 from visionray.serve.errors import Rejection
+from visionray.serve import pool as pool_module
+from visionray.serve.decode import pack_job
 from visionray.serve.pool import DecodePool
 from visionray.serve.structure import inspect
 
@@ -182,3 +184,47 @@ def test_a_decoder_process_loads_no_framework():
                           "print(sorted(m for m in ('torch', 'torchvision', 'ray') if m in sys.modules))"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+# An impostor decoder (what an exploit that took a decoder over could send): it says it is ready,
+# then answers every job with the lie named by its argument.
+IMPOSTOR = r"""
+import json, os, sys
+from visionray.serve.decode import ANSWER, JOB, read_message, write_message
+lie = sys.argv[1]
+ready = json.dumps({"sandbox": {}}).encode()
+write_message(1, ANSWER.pack(200, 0, 0, 0, 0.0, len(ready)), ready)
+while read_message(0, JOB, 1 << 26, bytearray(JOB.size + 65536)) is not None:
+    c, h, w = {"larger": (3, 9999, 9999), "channels": (1, 16, 16)}.get(lie, (3, 16, 16))
+    n = {"short": c * h * w - 1, "huge": 2**31}.get(lie, c * h * w)
+    status = {"status": 500, "refusal": 422}.get(lie, 200)
+    body = {"refusal": b"not json", "status": json.dumps({"code": "corrupt_image", "message": "x"}).encode()}.get(lie)
+    body = bytes(min(n, 1 << 20)) if body is None else body
+    write_message(1, ANSWER.pack(status, c, h, w, 0.0, len(body) if status != 200 else n), body)
+"""
+
+
+@pytest.mark.parametrize("lie", ["larger", "channels", "short", "huge", "status", "refusal"])
+def test_an_answer_that_is_not_what_was_asked_ends_that_decoder(lie):
+    """Checked on arrival: more pixels than asked, other channels, a body shorter than its shape, a
+    length nobody asked for (nothing allocated for it), a status no image has, a refusal that is
+    not JSON: each is a decoder that cannot be trusted further (``_Died``), never pixels."""
+    spec = SanitizerSpec()
+    proc = pool_module.DecoderProcess(spec.model_dump_json(), [sys.executable, "-c", IMPOSTOR, lie])
+    try:
+        header = inspect(PNG, "image/png", spec)
+        with pytest.raises(pool_module._Died):
+            proc.run(pack_job("image/png", 3, 16, header, len(PNG)), PNG, 10.0, 3, 64)
+    finally:
+        proc.kill()
+
+
+def test_an_honest_answer_passes_the_same_checks():
+    """The impostor's control: the same process answering what was asked (16x16, 3 channels) is believed."""
+    spec = SanitizerSpec()
+    proc = pool_module.DecoderProcess(spec.model_dump_json(), [sys.executable, "-c", IMPOSTOR, "honest"])
+    try:
+        header = inspect(PNG, "image/png", spec)
+        assert proc.run(pack_job("image/png", 3, 16, header, len(PNG)), PNG, 10.0, 3, 64).shape == (3, 16, 16)
+    finally:
+        proc.kill()

@@ -29,6 +29,7 @@ from visionray.serve.predictor import Predictor
 from visionray.serve.decode import configure_pillow, decode_image, to_model_mode
 from visionray.serve.errors import Rejection
 from visionray.serve.sanitize import RateLimiter, check_type, sniff
+from visionray.serve.structure import Header
 from visionray.specs import EvalPreset
 from visionray.spec_io import SpecError
 from tests.helpers import REPO, make_checkpoint
@@ -542,11 +543,21 @@ def test_cmyk_jpeg_and_alpha_drop():
     assert decode_image(encode(rgba, "PNG"), "image/png", 3, LIMITS)[:, 0, 0].tolist() == [200, 100, 50]
 
 
-def test_exif_orientation_is_applied():
+def _exif_rotated() -> dict:
     exif = Image.Exif()
     exif[0x0112] = 6  # display rotated 90 degrees clockwise
     exif[0x010E] = "a description that must not survive"
-    data = encode(noise(30, 10), "JPEG", exif=exif.tobytes(), quality=95)
+    return {"exif": exif.tobytes()}
+
+
+# Pillow reads the orientation from EXIF, else from XMP: both live in APP1 segments
+XMP_ROTATED = {"xmp": b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+               b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'}
+
+
+@pytest.mark.parametrize("metadata", [_exif_rotated(), XMP_ROTATED], ids=["exif", "xmp"])
+def test_exif_orientation_is_applied(metadata):
+    data = encode(noise(30, 10), "JPEG", quality=95, **metadata)
     a = decode_image(data, "image/jpeg", 3, LIMITS)
     stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))  # as stored: landscape 30x10
     assert a.shape == (3, 30, 10)  # upright: portrait
@@ -562,8 +573,8 @@ def test_bomb_refusal_quotes_the_configured_limits_not_pillows():
     spec = SanitizerSpec(max_pixels=1000, max_width=64, max_height=64, max_request_pixels=1000)
     configure_pillow(spec)
     try:
-        with pytest.raises(Rejection) as info:  # components given: the header walk is skipped, Pillow decides
-            decode_image(encode(noise(100, 100), "PNG"), "image/png", 3, spec, components=3)
+        with pytest.raises(Rejection) as info:  # header given: the walk is skipped, Pillow decides
+            decode_image(encode(noise(100, 100), "PNG"), "image/png", 3, spec, header=Header(100, 100))
     finally:
         configure_pillow(LIMITS)
     assert (info.value.status, info.value.code) == (413, "image_too_large")

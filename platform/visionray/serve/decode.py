@@ -6,7 +6,7 @@ or 3 components go through libjpeg-turbo (simplejpeg) in strict mode: its corrup
 (a file cut short but ended with EOI, bad Huffman data) are errors; with ``size`` it decodes at the
 smallest DCT scale that keeps both sides at or above ``2 * size``. CMYK JPEGs, PNG and WebP go
 through Pillow (``LOAD_TRUNCATED_IMAGES`` off, its bomb warning an error). The first frame of an
-animation is used; EXIF orientation is applied; only pixels are kept (all metadata dropped),
+animation is used; EXIF (or XMP) orientation is applied; only pixels are kept (all metadata dropped),
 converted to the model's mode (L or RGB) exactly as training decodes files (``Image.convert``;
 alpha dropped, 16-bit samples scaled to 8 bits). With ``size``, a side above ``2 * size`` is then
 box-reduced by an integer factor, so what leaves the decoder is at most about ``4 * size`` a side
@@ -15,11 +15,11 @@ untouched.
 
 ``python -m visionray.serve.decode SPEC_JSON`` is a decoder process (``visionray.serve.pool``
 starts them): it confines itself (``visionray.serve.sandbox``), says it is ready, then answers
-jobs on a private pipe pair, framed as 4-byte big-endian lengths: a job is a JSON header
-``{"type", "channels", "size", "components"}`` (the replica walked the container already) and the
-image bytes; an answer is a JSON header (``{"ok": true,
-"shape": [c, h, w], "cpu_s"}`` then the raw pixels, or ``{"ok": false, "status", "code",
-"message"}``). Nothing is pickled in either direction.
+jobs on a private pipe pair. Each message is a fixed binary header (``JOB``: format, channels,
+size and the replica's structural header of the bytes; ``ANSWER``: status, shape, CPU seconds)
+whose last field counts the bytes that follow: the image, the raw pixels, or a JSON refusal. Both
+go in one write and usually one read, so a small image costs little more than its decode. Nothing
+is pickled in either direction.
 """
 
 from __future__ import annotations
@@ -29,22 +29,24 @@ import json
 import logging
 import os
 import re
+import struct
 import sys
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
 from visionray.serve.config import SanitizerSpec
 from visionray.serve.errors import Rejection
-from visionray.serve.structure import inspect
+from visionray.serve.structure import Header, inspect
 
 logger = logging.getLogger(__name__)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated image is an error, never grey-filled
 
 PIL_FORMATS = {"image/png": "PNG", "image/jpeg": "JPEG", "image/webp": "WEBP"}
-MAX_HEADER_BYTES = 64 * 1024  # a JSON frame header on the pipe, either way
+MAX_JSON_BYTES = 64 * 1024  # a JSON message body on the pipe (the ready message, a refusal)
 MESSAGE_CHARS = 300  # longest decoder message passed to a client
 
 # EXIF orientation -> the transposes that make the image upright (as ImageOps.exif_transpose).
@@ -73,18 +75,21 @@ def to_model_mode(im: Image.Image, channels: int) -> Image.Image:
     return im if im.mode == target else im.convert(target)
 
 
-def _jpeg_turbo(data: bytes, components: int, size: int | None) -> Image.Image:
-    """libjpeg-turbo, strict, DCT-scaled to >= 2*size a side; EXIF orientation from Pillow's header parse."""
+def _jpeg_turbo(data: bytes, header: Header, size: int | None) -> Image.Image:
+    """libjpeg-turbo, strict, DCT-scaled to >= 2*size a side; EXIF/XMP orientation from Pillow's
+    parse of the markers, where the walk saw an APP1 segment (no other segment holds one)."""
     import simplejpeg
 
     floor = 2 * size if size else 0
-    pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if components == 1 else "RGB", strict=True,
+    gray = header.components == 1
+    pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB", strict=True,
                                     min_height=floor, min_width=floor)
-    im = Image.fromarray(pixels[:, :, 0] if components == 1 else pixels, "L" if components == 1 else "RGB")
-    with Image.open(io.BytesIO(data), formats=["JPEG"]) as head:  # markers only: no pixel is decoded here
-        orientation = head.getexif().get(0x0112)
-    for step in _ORIENTATION.get(orientation, ()):
-        im = im.transpose(step)
+    im = Image.fromarray(pixels[:, :, 0] if gray else pixels, "L" if gray else "RGB")
+    if header.app1:
+        with Image.open(io.BytesIO(data), formats=["JPEG"]) as head:  # markers only: no pixel is decoded here
+            orientation = head.getexif().get(0x0112)
+        for step in _ORIENTATION.get(orientation, ()):
+            im = im.transpose(step)
     return im
 
 
@@ -107,17 +112,15 @@ def reduce_for_model(im: Image.Image, size: int) -> Image.Image:
     return im.reduce((fx, fy)) if fx > 1 or fy > 1 else im
 
 
-def decode_image(data: bytes, declared: str, channels: int, spec: SanitizerSpec, size: int | None = None,
-                 components: int | None = None) -> np.ndarray:
+def decode_image(data: bytes | bytearray, declared: str, channels: int, spec: SanitizerSpec, size: int | None = None,
+                 header: Header | None = None) -> np.ndarray:
     """Checked bytes (see ``sanitize.check_type``) to a uint8 (C, H, W) array in the model's mode,
-    reduced for a model input of ``size`` px when given. ``components``: the JPEG component count
-    from a structural walk already made of these bytes (the pool's replica makes it); without it
-    the walk runs here."""
-    header = inspect(data, declared, spec) if components is None else None
-    components = header.components if header is not None else components
+    reduced for a model input of ``size`` px when given. ``header``: the structural walk already
+    made of these bytes (the pool's replica makes it); without it the walk runs here."""
+    header = inspect(data, declared, spec) if header is None else header
     try:
-        if declared == "image/jpeg" and components in (1, 3):
-            im = _jpeg_turbo(data, components, size)
+        if declared == "image/jpeg" and header.components in (1, 3):
+            im = _jpeg_turbo(data, header, size)
         else:
             im = _pillow(data, declared, size)
         im = to_model_mode(im, channels)
@@ -148,50 +151,99 @@ def decode_image(data: bytes, declared: str, channels: int, spec: SanitizerSpec,
 
 # --------------------------------------------------------------------------- the decoder process
 
+# A job: the declared format (an index in FORMATS), channels, the model's input size (0: none), the
+# replica's structural header of the bytes, then the image's byte count; the bytes follow.
+JOB = struct.Struct("<BBHIIBIBBI")
+# An answer: status (200: pixels follow; 413/415/422: a JSON {code, message} follows; for the ready
+# message 200 with JSON {sandbox, pid}, else 500 with JSON {message}), channels, height, width, the
+# decoder's CPU seconds so far, then the byte count of what follows.
+ANSWER = struct.Struct("<HHIIdI")
+FORMATS = tuple(PIL_FORMATS)
+SCRATCH_BYTES = 1 << 16  # the first read of a message takes its header and up to this much of its body
 
-def read_exact(fd: int, n: int) -> bytes | None:
-    """``n`` bytes from a pipe, or None at end of file."""
-    parts, got = [], 0
-    while got < n:
-        chunk = os.read(fd, min(n - got, 1 << 20))
-        if not chunk:
+
+def pack_job(declared: str, channels: int, size: int | None, header: Header, nbytes: int) -> bytes:
+    return JOB.pack(FORMATS.index(declared), channels, size or 0, header.width, header.height, header.progressive,
+                    header.scans, header.components, header.app1, nbytes)
+
+
+def unpack_job(fields: tuple) -> tuple[str, int, int | None, Header]:
+    fmt, channels, size, width, height, progressive, scans, components, app1, _ = fields
+    return FORMATS[fmt], channels, size or None, Header(width, height, bool(progressive), scans, components, bool(app1))
+
+
+def _read_at_least(fd: int, view: memoryview, need: int, wait: Callable[[], None]) -> int | None:
+    """Read into ``view`` until ``need`` bytes are there (None at end of file); ``wait`` is called
+    when a non-blocking pipe has nothing yet (it raises past a deadline)."""
+    got = 0
+    while got < need:
+        try:
+            n = os.readv(fd, [view[got:]])
+        except BlockingIOError:
+            wait()
+            continue
+        if n == 0:
             return None
-        parts.append(chunk)
-        got += len(chunk)
-    return b"".join(parts)
+        got += n
+    return got
 
 
-def frames(*payloads: bytes | memoryview) -> bytes:
-    """Frames, each its 4-byte big-endian length then its bytes, as one buffer (one write, one
-    wake-up of the reader)."""
-    return b"".join(part for p in payloads for part in (len(p).to_bytes(4, "big"), bytes(p)))
+def read_message(fd: int, layout: struct.Struct, max_body: int, scratch: bytearray,
+                 wait: Callable[[], None] = lambda: None) -> tuple[tuple, bytearray] | None:
+    """A fixed header (``layout``; its last field the body's byte count) and its body; None at end of
+    file; ``ValueError`` for a body over ``max_body`` bytes (nothing is allocated for it). Small
+    messages take one read. Either side sends one message and waits for the other's, so nothing of
+    a next message is read here."""
+    view = memoryview(scratch)
+    got = _read_at_least(fd, view, layout.size, wait)
+    if got is None:
+        return None
+    fields = layout.unpack_from(scratch)
+    n = fields[-1]
+    if n > max_body:
+        raise ValueError(f"a message of {n} bytes; at most {max_body} were expected")
+    body = bytearray(n)
+    first = min(got - layout.size, n)
+    body[:first] = view[layout.size:layout.size + first]
+    if first < n and _read_at_least(fd, memoryview(body)[first:], n - first, wait) is None:
+        return None
+    return fields, body
 
 
-def write_frame(fd: int, *payloads: bytes | memoryview) -> None:
-    view = memoryview(frames(*payloads))
-    while view:
-        view = view[os.write(fd, view):]
+def write_message(fd: int, head: bytes, body: bytes | memoryview = b"") -> None:
+    """Header and body in as few writes as the pipe allows (a blocking pipe)."""
+    parts = [memoryview(head), memoryview(body).cast("B")]
+    while parts:
+        n = os.writev(fd, parts)
+        while parts and n >= len(parts[0]):
+            n -= len(parts.pop(0))
+        if parts:
+            parts[0] = parts[0][n:]
+
+
+def _json_answer(status: int, fields: dict, cpu: float = 0.0) -> tuple[bytes, bytes]:
+    body = json.dumps(fields).encode()
+    return ANSWER.pack(status, 0, 0, 0, cpu, len(body)), body
 
 
 def _serve(spec: SanitizerSpec, rfd: int, wfd: int) -> None:
+    scratch = bytearray(JOB.size + SCRATCH_BYTES)
     while True:
-        raw = read_exact(rfd, 4)
-        if raw is None:
+        try:  # the replica is trusted; a job larger than this process may hold ends it
+            message = read_message(rfd, JOB, spec.decode_memory_mb * 2**20, scratch)
+        except ValueError:
             return
-        head = read_exact(rfd, min(int.from_bytes(raw, "big"), MAX_HEADER_BYTES))
-        raw = read_exact(rfd, 4)
-        data = read_exact(rfd, int.from_bytes(raw, "big")) if raw else None
-        if head is None or data is None:
+        if message is None:
             return
-        job = json.loads(head)
+        fields, data = message
+        declared, channels, size, header = unpack_job(fields)
         try:
-            array = decode_image(data, job["type"], int(job["channels"]), spec, job.get("size"), int(job["components"]))
+            array = decode_image(data, declared, channels, spec, size, header)
         except Rejection as rej:
-            write_frame(wfd, json.dumps({"ok": False, "status": rej.status, "code": rej.code, "message": rej.message}).encode())
+            write_message(wfd, *_json_answer(rej.status, {"code": rej.code, "message": rej.message}, sum(os.times()[:2])))
             continue
-        cpu = sum(os.times()[:2])
-        write_frame(wfd, json.dumps({"ok": True, "shape": list(array.shape), "cpu_s": cpu}).encode(),
-                    memoryview(array).cast("B"))
+        c, h, w = array.shape
+        write_message(wfd, ANSWER.pack(200, c, h, w, sum(os.times()[:2]), array.nbytes), memoryview(array))
 
 
 def main(argv: list[str]) -> int:
@@ -213,9 +265,9 @@ def main(argv: list[str]) -> int:
     try:
         applied = sandbox.confine(spec)
     except sandbox.SandboxError as exc:
-        write_frame(wfd, json.dumps({"ready": False, "message": str(exc)}).encode())
+        write_message(wfd, *_json_answer(500, {"message": str(exc)}))
         return 1
-    write_frame(wfd, json.dumps({"ready": True, "sandbox": applied, "pid": os.getpid()}).encode())
+    write_message(wfd, *_json_answer(200, {"sandbox": applied, "pid": os.getpid()}))
     _serve(spec, rfd, wfd)
     return 0
 

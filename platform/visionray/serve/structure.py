@@ -37,6 +37,7 @@ class Header:
     progressive: bool = False
     scans: int = 1
     components: int = 3
+    app1: bool = False  # a JPEG APP1 segment (EXIF or XMP, where Pillow finds an orientation): parsed only then
 
     @property
     def pixels(self) -> int:
@@ -82,7 +83,7 @@ def _next_marker(data: bytes, pos: int) -> int:
 
 def jpeg_header(data: bytes, spec: SanitizerSpec) -> Header:
     n = len(data)
-    pos, frame, scans, segments = 2, None, 0, 0
+    pos, frame, scans, segments, app1 = 2, None, 0, 0, False
     while True:
         if pos >= n:
             raise _truncated(f"JPEG truncated: no EOI marker in {n} bytes")
@@ -137,11 +138,13 @@ def jpeg_header(data: bytes, spec: SanitizerSpec) -> Header:
             continue
         elif marker == 0xDC:
             raise _corrupt("JPEG declares its height later (DNL): not accepted")
+        elif marker == 0xE1:
+            app1 = True
         pos = end
     if frame is None or scans == 0:
         raise _corrupt("JPEG has no " + ("frame header" if frame is None else "image data (no scan)"))
     width, height, progressive, components = frame
-    return Header(width, height, progressive, scans, components)
+    return Header(width, height, progressive, scans, components, app1)
 
 
 def png_header(data: bytes, spec: SanitizerSpec) -> Header:
