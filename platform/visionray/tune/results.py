@@ -101,6 +101,11 @@ def _summarise(spec: SearchSpec, result, trial, max_epochs: int) -> TrialSummary
         error = f"{type(result.error).__name__}: {text.splitlines()[-1][:200] if text else ''}"
     elif tune_status == "TERMINATED":
         status = "completed" if epochs >= max_epochs else "early-stopped"
+    elif tune_status == "PAUSED" and epochs >= max_epochs:
+        # Synchronous HyperBand can leave a trial paused at max_t for good: when the last other trial
+        # of its bracket ends by itself, Ray's on_trial_remove skips a finished bracket and nobody
+        # stops the paused one. It has trained every epoch there is: it is complete, not unfinished.
+        status = "completed"
     else:  # PENDING, RUNNING or PAUSED when the search was interrupted
         status = "unfinished"
     num_params = None
