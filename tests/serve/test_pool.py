@@ -9,12 +9,14 @@ import signal
 import subprocess
 import sys
 import threading
+import struct
 import time
+import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
-from tests.serve.test_sanitize import JPEG, PNG, encode, noise
+from tests.serve.test_sanitize import JPEG, PNG, encode, noise, png_chunk
 
 from visionray.serve.config import SanitizerSpec
 from visionray.serve.errors import Rejection
@@ -228,3 +230,28 @@ def test_an_honest_answer_passes_the_same_checks():
         assert proc.run(pack_job("image/png", 3, 16, header, len(PNG)), PNG, 10.0, 3, 64).shape == (3, 16, 16)
     finally:
         proc.kill()
+
+
+def _cut_png(side: int = 1024) -> bytes:
+    """A structurally whole PNG (IHDR, IDAT, IEND) of noise whose zlib stream stops at 90%: Pillow
+    decodes the rows it has (real CPU), then refuses it as truncated."""
+    rng = np.random.default_rng(0)
+    rows = zlib.compress(b"".join(b"\x00" + rng.integers(0, 256, side, dtype=np.uint8).tobytes() for _ in range(side)), 1)
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    idat = rows[:len(rows) * 9 // 10]
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
+
+
+def test_cpu_spent_on_refused_images_counts_towards_replacement():
+    """A stream of images that cost real CPU and are then refused: the worker is replaced at half
+    its CPU-seconds limit like any other, instead of running into RLIMIT_CPU (SIGXCPU) mid-image."""
+    p = DecodePool(SanitizerSpec(decode_workers=1, decode_cpu_s=1))
+    p.start()
+    try:
+        first, cut, outcomes = p.pids(), _cut_png(), []
+        while p.pids() == first and len(outcomes) < 400:
+            outcomes.append(_outcome(p, cut))
+        assert p.pids() != first, f"never replaced after {len(outcomes)} refused images"
+        assert set(outcomes) == {(422, "truncated_image")}, outcomes
+    finally:
+        p.close()

@@ -288,8 +288,8 @@ class DecodePool:
             array = proc.run(job, data, self.spec.decode_timeout_s, channels, max_side)
             replace = proc.cpu_s > self.spec.decode_cpu_s / 2
             return array
-        except Rejection:
-            replace = False
+        except Rejection:  # the image's own refusal; its CPU counts towards the worker's budget as well
+            replace = proc.cpu_s > self.spec.decode_cpu_s / 2
             raise
         except _Timeout:
             proc.kill()
