@@ -372,21 +372,23 @@ def test_trial_whose_worker_dies_is_retried_and_finishes(ray_cluster, tmp_path, 
 @pytest.mark.timeout(900)
 def test_pbt_search_exploits_and_records_a_loadable_best(ray_cluster, tmp_path):
     """Population-based training on digits: trials in the bottom quantile take a top trial's
-    checkpoint and perturbed values; the best model loads and predicts. Four epochs give each trial
-    three steps: asynchronous PBT compares a trial only with those that have reported, and on a
-    fast machine short trials started a few seconds apart overlap for few of their reports."""
+    checkpoint and perturbed values; the best model loads and predicts. Six epochs and a
+    perturbation every second give each trial two chances (asynchronous PBT compares a trial only
+    with those that have reported, and short trials started seconds apart overlap for few of their
+    reports), and no trial is judged at its first report after a restore: Ray logs a trial's report
+    count before it records that report, so such an exploit would be logged at report 0."""
     from visionray.checkpoint import load_model
     from visionray.evaluate import evaluate_checkpoint
 
     spec = _search(tmp_path, "pbt", [
-        "scheduler={name: pbt, perturbation_interval: 1, quantile_fraction: 0.5, max_epochs: 4}",
+        "scheduler={name: pbt, perturbation_interval: 2, quantile_fraction: 0.5, max_epochs: 6}",
         "search.space={optim.lr: {loguniform: [0.0001, 0.05]}, augment: {choice: [none, randaugment]}}",
         "search.num_samples=4", "search.max_concurrent_trials=4", "resources={workers: 1, cpus_per_worker: 0.5}",
     ])
     out = run_search(spec)
 
     assert not out.interrupted and len(out.trials) == 4
-    assert all(t.status == "completed" and t.epochs == 4 for t in out.trials)
+    assert all(t.status == "completed" and t.epochs == 6 for t in out.trials)
     exp = Path(out.experiment_dir)
     exploits = (exp / "pbt_global.txt").read_text().splitlines() if (exp / "pbt_global.txt").exists() else []
     assert exploits, "no trial took another's checkpoint"
