@@ -113,7 +113,7 @@ class DecoderProcess:
         self.cpu_s = 0.0
         self._scratch = bytearray(ANSWER.size + SCRATCH_BYTES)
         try:
-            status, body = self._answer(time.monotonic() + START_TIMEOUT_S, MAX_JSON_BYTES)
+            status, _, body = self._answer(time.monotonic() + START_TIMEOUT_S, MAX_JSON_BYTES)
             ready = json.loads(body)
         except (_Timeout, _Died, ValueError) as exc:
             self.kill()
@@ -125,9 +125,9 @@ class DecoderProcess:
         self.sandbox = ready.get("sandbox", {})
 
     # -- messages (visionray.serve.decode's JOB and ANSWER)
-    def _answer(self, deadline: float, max_body: int) -> tuple[int, bytearray]:
-        """The next answer's status and body (pixels or JSON); ``_Died`` at end of file or for an
-        answer longer than ``max_body``, ``_Timeout`` past ``deadline``."""
+    def _answer(self, deadline: float, max_body: int) -> tuple[int, tuple[int, int, int], bytearray]:
+        """The next answer's status, shape and body (pixels or JSON); ``_Died`` at end of file or for
+        an answer longer than ``max_body``, ``_Timeout`` past ``deadline``."""
         fd = self.proc.stdout.fileno()
         try:
             message = read_message(fd, ANSWER, max_body, self._scratch, lambda: _wait_fd(fd, deadline))
@@ -135,9 +135,9 @@ class DecoderProcess:
             raise _Died from None  # a decoder that answers more than it was asked for is not trusted further
         if message is None:
             raise _Died
-        (status, *self._shape, cpu_s, _), body = message
+        (status, c, h, w, cpu_s, _), body = message
         self.cpu_s = cpu_s
-        return status, body
+        return status, (c, h, w), body
 
     def _write(self, buffer: bytes, deadline: float) -> None:
         fd, view = self.proc.stdin.fileno(), memoryview(buffer)
@@ -155,7 +155,7 @@ class DecoderProcess:
         the shape asked for, at most ``max_side`` a side, a refusal only with an image's status."""
         deadline = time.monotonic() + timeout_s
         self._write(job + data, deadline)
-        status, body = self._answer(deadline, max(channels * max_side * max_side, MAX_JSON_BYTES))
+        status, (c, h, w), body = self._answer(deadline, max(channels * max_side * max_side, MAX_JSON_BYTES))
         if status != 200:
             if status not in (413, 415, 422):
                 raise _Died
@@ -164,7 +164,6 @@ class DecoderProcess:
             except ValueError:
                 raise _Died from None
             raise Rejection(status, str(refusal.get("code", "corrupt_image"))[:64], str(refusal.get("message", ""))[:MESSAGE_CHARS])
-        c, h, w = self._shape
         if c != channels or not (1 <= h <= max_side and 1 <= w <= max_side) or len(body) != c * h * w:
             raise _Died
         return np.frombuffer(body, np.uint8).reshape(c, h, w)
