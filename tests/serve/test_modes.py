@@ -157,7 +157,8 @@ def test_direct_mode_serves_from_the_replica_with_every_guarantee(digits_registr
         metrics = re.search(r"Prometheus metrics: http://127\.0\.0\.1:(\d+)/metrics", out)  # the local cluster's
         assert metrics, out
         deadline, text = time.time() + 90, ""
-        while time.time() < deadline and 'reason="content_mismatch"' not in text:
+        expected = ('reason="content_mismatch"', 'reason="overloaded"', 'visionray_serve_answers_total')
+        while time.time() < deadline and not all(e in text for e in expected):  # each series appears at its own export
             text = httpx.get(f"http://127.0.0.1:{metrics.group(1)}/metrics", timeout=10).text
             time.sleep(2)
         assert 'visionray_serve_rejected_total' in text and 'reason="overloaded"' in text, text[-2000:]
