@@ -7,12 +7,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ray.train import UserCallback
-
 from visionray.data.manifest import read_manifest
 from visionray.data.streaming import streaming_datasets
 from visionray.runs import local_log_dir, storage_path
 from visionray.specs import TrainSpec, with_absolute_paths
+from visionray.train.progress import ReportToQueue
 from visionray.train.worker import train_loop_per_worker
 
 
@@ -53,20 +52,6 @@ def build_trainer(spec: TrainSpec, callbacks: list | None = None):
 
 
 # --------------------------------------------------------------------------- progress
-
-
-class ReportToQueue(UserCallback):
-    """Runs in the Ray Train controller and forwards every report to a ``ray.util.queue.Queue``
-    that the driver reads: rank 0's metrics, every worker's, and the persisted checkpoint."""
-
-    def __init__(self, queue):
-        self.queue = queue
-
-    def after_report(self, run_context, metrics, checkpoint):
-        self.queue.put({"metrics": metrics[0], "workers": metrics, "checkpoint": checkpoint.path if checkpoint else None})
-
-    def after_exception(self, run_context, worker_exceptions):
-        self.queue.put({"error": {rank: f"{type(e).__name__}: {e}" for rank, e in worker_exceptions.items()}})
 
 
 class MetricsLog:
