@@ -11,7 +11,8 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
 
     Unless ``verbose``, worker and controller output stays in Ray's log files (under
     /tmp/ray/session_latest/logs): Ray's repeated internal lines are kept out of the user's way,
-    while real errors still surface as exceptions and through ``visionray.train.progress.ReportToQueue.after_exception``."""
+    while real errors still surface as exceptions and through
+    ``visionray.train.progress.ReportToQueue.after_exception``."""
     import logging
     import os
 

@@ -2,7 +2,7 @@
 
 Apart from the driver module on purpose: the controller unpickles this callback, and importing it
 loads only Ray. Importing the driver module would load the worker, torchvision and the rest of the
-package into the controller, about two seconds of CPU before every run starts (the controller's
+package into the controller, about four seconds of CPU on 2 cores before every run starts (the controller's
 start-up is a step every run waits for)."""
 
 from __future__ import annotations
