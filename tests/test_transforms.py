@@ -7,7 +7,7 @@ import torch
 
 from visionray.ops import AUGMENT_OPS
 from visionray.specs import EvalPreset, TrainSpec
-from visionray.transforms import eval_transform, train_transform
+from visionray.transforms import eval_transform, normalize_batch, train_transform
 
 
 def _preset(channels: int, **kw) -> EvalPreset:
@@ -71,3 +71,14 @@ def test_training_with_no_augmentation_equals_evaluation():
 def test_eval_preset_resizes_any_input():
     out = eval_transform(_preset(1))(torch.zeros(1, 100, 60, dtype=torch.uint8))
     assert out.shape == (1, 32, 32) and torch.allclose(out, torch.full_like(out, -2.0))
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_batched_normalisation_is_the_eval_presets_exactly_and_leaves_its_input_alone(channels):
+    preset = EvalPreset(image_size=32, channels=channels, mean=[0.4, 0.5, 0.6][:channels], std=[0.2, 0.25, 0.3][:channels])
+    images = _images(channels)
+    before = images.clone()
+    batch = normalize_batch(preset, images)
+    assert torch.equal(images, before)
+    for image, normalised in zip(images, batch):
+        assert torch.equal(normalised, eval_transform(preset)(image))
