@@ -91,5 +91,9 @@ def decode_batch(items: Sequence[bytes | Path], names: Sequence[str], channels: 
     if bad and on_bad == "fail":
         raise BadImagesError(bad, len(items))
     kept = [i for i, r in enumerate(results) if not isinstance(r, BadImage)]
-    images = np.stack([results[i].numpy() for i in kept]) if kept else np.zeros((0, channels, size, size), np.uint8)
+    # copied into one C-contiguous array: the resize may return channels-last tensors, and
+    # np.stack keeps their layout (a later reshape or Arrow conversion would copy them again)
+    images = np.empty((len(kept), channels, size, size), np.uint8)
+    for row, i in zip(images, kept):
+        row[...] = results[i].numpy()
     return images, np.asarray(kept, dtype=np.int64), bad
