@@ -4,11 +4,12 @@ model's training-step rate, for each shipped recipe, measured side by side in on
 Pipelines: the recipe's own (per-sample torchvision ops in a DataLoader, or the batched
 device-resident path), the batched path for comparison where the recipe's ops allow it, and, for
 image-folder recipes, Ray Data streaming of the folder and of a pack of it (``visionray data
-pack``, made once into the cache): their steady-state rate (after the first batches) and time to
-the first batch, reported apart. ``decode_limit``: Pillow decode + the preset's resize on one core
-(the physical limit each decode CPU has). Step rate: forward + backward + optimiser step on
-ready-made batches. Goals: pipeline rate / step rate >= 1.5; streaming within 2x of the decode
-limit per decode CPU. ``--scale`` adds rows for manifests of 100, 1,000 and 10,000 tiny shards:
+pack``, made once into the cache): their steady-state rate (over the second half of each row's
+images) and time to the first batch, reported apart. ``decode_limit``: Pillow decode + the preset's
+resize on one core (the physical limit each decode CPU has). Step rate: forward + backward +
+optimiser step on ready-made batches. Goals: pipeline rate / step rate >= 1.5; streaming within 2x
+of the decode limit per decode CPU (``data.decode_cpus``), and per host core busy while it streams
+(decode tasks, Ray Data's actors and the consumer together, from /proc/stat). ``--scale`` adds rows for manifests of 100, 1,000 and 10,000 tiny shards:
 driver memory and time to the first batch.
 
     python benchmarks/data_path.py [--recipes quickstart cifar10-small ...] [--limit 4096] [--gpu] [--scale]
@@ -39,24 +40,39 @@ def images_per_s(batches, max_images: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
-WARMUP_BATCHES = 4  # batches a stream delivers before its steady-state rate is timed
-STREAM_IMAGES = 30_000  # images a stream delivers in its row (an eighth for large images): long past the prefetch
+STREAM_IMAGES = 30_000  # images a stream delivers in its row (four shuffle buffers for large images)
+
+
+def cpu_seconds() -> float | None:
+    """Busy CPU seconds of the whole host so far (Linux /proc/stat; None elsewhere): every process
+    a stream runs on counts (decode tasks, Ray Data's actors, the consumer)."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(v) for v in fh.readline().split()[1:]]
+    except OSError:
+        return None
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # all but idle and iowait
 
 
 def stream_rates(batches, max_images: int) -> dict:
-    """Time to the first batch, then images/s after ``WARMUP_BATCHES`` batches."""
-    start, seen, first, steady_from, steady_seen = time.perf_counter(), 0, None, None, 0
-    for i, (images, _) in enumerate(batches):
+    """Time to the first batch, then images/s over the second half of the row's images: the first
+    half drains what the decode tasks made ahead while the shuffle buffer filled (timing from the
+    first batches on would count that backlog as throughput)."""
+    start, seen, first, steady_from, steady_seen, busy_from = time.perf_counter(), 0, None, None, 0, None
+    for images, _ in batches:
         now = time.perf_counter()
         first = now - start if first is None else first
-        if i == WARMUP_BATCHES:
-            steady_from, steady_seen = now, seen
+        if steady_from is None and seen >= max_images // 2:
+            steady_from, steady_seen, busy_from = now, seen, cpu_seconds()
         seen += len(images)
         if seen >= max_images:
             break
-    end = time.perf_counter()
-    steady = (seen - steady_seen) / (end - steady_from) if steady_from is not None and end > steady_from else None
-    return {"images_per_s": steady, "first_batch_s": first, "images": seen}
+    end, busy_to = time.perf_counter(), cpu_seconds()
+    if steady_from is None or end <= steady_from:
+        return {"images_per_s": None, "first_batch_s": first, "images": seen}
+    busy = (busy_to - busy_from) / (end - steady_from) if busy_from is not None and busy_to is not None else None
+    return {"images_per_s": (seen - steady_seen) / (end - steady_from), "first_batch_s": first, "images": seen,
+            "busy_cores": busy}
 
 
 def decode_limit(spec, preset, count: int) -> float:
@@ -139,7 +155,7 @@ def step_rate(worker, batches: list, steps: int) -> float:
 
 
 def measure(recipe: str, limit: int, gpu: bool, steps: int) -> list[dict]:
-    from visionray.data.streaming import iter_stream, streaming_datasets
+    from visionray.data.streaming import STREAM_SHUFFLE_BUFFER, iter_stream, streaming_datasets
     from visionray.specs import load_spec
     from visionray.train.worker import Worker
 
@@ -166,7 +182,7 @@ def measure(recipe: str, limit: int, gpu: bool, steps: int) -> list[dict]:
         packed = spec.data.model_copy(update={"source": "shards", "path": cached_pack(spec), "streaming": True})
         warm, _ = streaming_datasets(packed, worker.preset, 1, spec.optim.batch_size)  # Ray's decode workers started
         next(iter(iter_stream(warm["train"].limit(spec.optim.batch_size), spec.optim.batch_size, worker.preset)))
-        streamed = STREAM_IMAGES if not gpu and spec.data.image_size <= 64 else STREAM_IMAGES // 8
+        streamed = STREAM_IMAGES if not gpu and spec.data.image_size <= 64 else 4 * STREAM_SHUFFLE_BUFFER
         for name, data in (("folder_streaming", spec.data.model_copy(update={"streaming": True, "limit": None})),
                            ("shards_streaming", packed.model_copy(update={"limit": None}))):
             datasets, _ = streaming_datasets(data, worker.preset, 1, spec.optim.batch_size, spec.augment)
@@ -179,6 +195,8 @@ def measure(recipe: str, limit: int, gpu: bool, steps: int) -> list[dict]:
     for r in rows:
         if limit_rate and r["pipeline"].endswith("_streaming") and r["images_per_s"]:
             r["per_cpu_vs_decode_limit"] = r["images_per_s"] / r["cpus"] / limit_rate
+            if r.get("busy_cores"):
+                r["per_busy_core_vs_decode_limit"] = r["images_per_s"] / r["busy_cores"] / limit_rate
     return rows
 
 
@@ -201,12 +219,13 @@ def main() -> None:
     rows = [r for recipe in args.recipes for r in measure(recipe, args.limit, args.gpu, args.steps)]
     table = Table(title=f"input pipeline vs training step ({'GPU' if args.gpu else 'CPU'}), images/s")
     for col in ("recipe", "pipeline", "pipeline img/s", "first batch s", "step img/s", "ratio (goal >= 1.5)",
-                "per CPU / decode limit"):
+                "per decode CPU / decode limit", "busy cores", "per busy core / decode limit"):
         table.add_column(col, justify="right")
     num = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
     for r in rows:
         table.add_row(r["recipe"], r["pipeline"], num(r["images_per_s"], ".0f"), num(r.get("first_batch_s"), ".2f"),
-                      num(r["step_images_per_s"], ".0f"), num(r["ratio"], ".2f"), num(r.get("per_cpu_vs_decode_limit"), ".2f"))
+                      num(r["step_images_per_s"], ".0f"), num(r["ratio"], ".2f"), num(r.get("per_cpu_vs_decode_limit"), ".2f"),
+                      num(r.get("busy_cores"), ".2f"), num(r.get("per_busy_core_vs_decode_limit"), ".2f"))
     Console(width=200).print(table)
     if args.scale:
         scale = scale_rows()
