@@ -67,10 +67,10 @@ def normalize_batch(preset: EvalPreset, images: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(preset.mean, device=images.device).view(1, -1, 1, 1)
     std = torch.tensor(preset.std, device=images.device).view(1, -1, 1, 1)
     # torchvision's own steps (ToDtype's multiply by 1/255, Normalize's subtract and divide), in
-    # place on one new tensor: a batch of 224 px images is 19 MiB of floats, and every temporary of
-    # that size is a fresh mapping whose pages fault in (measured: 11x faster than out of place)
-    assert images.dtype == torch.uint8, f"normalize_batch takes uint8 images, not {images.dtype}"
-    return images.float().mul_(1.0 / 255).sub_(mean).div_(std)
+    # place on one new tensor (copy=True: never the caller's): a batch of 224 px images is 19 MiB
+    # of floats, and every temporary of that size is a fresh mapping whose pages fault in
+    # (measured: 11x faster than out of place)
+    return images.to(torch.float32, copy=True).mul_(1.0 / 255).sub_(mean).div_(std)
 
 
 class BatchFlipCrop:
