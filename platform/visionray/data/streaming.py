@@ -156,4 +156,4 @@ def iter_stream(shard, batch_size: int, preset: EvalPreset, augment: Sequence[Au
     apply = augment_batches(preset, batched, torch.Generator().manual_seed(shuffle_seed or 0))
     shape = (preset.channels, preset.image_size, preset.image_size)  # the decode tasks' rows are flat
     for batch in shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.uint8, "label": torch.long}, **shuffle):
-        yield apply(batch["image"].view(-1, *shape)), batch["label"]
+        yield apply(batch["image"].reshape(-1, *shape)), batch["label"]
