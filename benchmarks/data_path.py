@@ -9,8 +9,8 @@ images) and time to the first batch, reported apart. ``decode_limit``: Pillow de
 resize on one core (the physical limit each decode CPU has). Step rate: forward + backward +
 optimiser step on ready-made batches. Goals: pipeline rate / step rate >= 1.5; streaming within 2x
 of the decode limit per decode CPU (``data.decode_cpus``), and per host core busy while it streams
-(decode tasks, Ray Data's actors and the consumer together, from /proc/stat). ``--scale`` adds rows for manifests of 100, 1,000 and 10,000 tiny shards:
-driver memory and time to the first batch.
+(decode tasks, Ray Data's actors and the consumer together, from /proc/stat). ``--scale`` adds
+rows for manifests of 100, 1,000 and 10,000 tiny shards: driver memory and time to the first batch.
 
     python benchmarks/data_path.py [--recipes quickstart cifar10-small ...] [--limit 4096] [--gpu] [--scale]
 """
