@@ -39,7 +39,8 @@ DECODE_BATCH_BYTES = 4 << 20  # decoded bytes per decode call, at most (a 256-im
 STREAM_BLOCK_BYTES = 8 << 20  # bytes per block a decode task emits: a block reaches the trainers as soon as it is full
 FOLDER_BLOCK_IMAGES = 4096  # images per block of a folder's file list (one decode task's work)
 MAX_READ_BLOCKS = 256  # blocks the shard list is cut into: planning stays flat in the shard count
-STREAM_SHUFFLE_BUFFER = 4096  # images held per worker to shuffle a stream
+STREAM_SHUFFLE_BUFFER = 4096  # images held per worker to shuffle a stream, at most
+STREAM_SHUFFLE_BYTES = 512 << 20  # decoded bytes that buffer may hold per worker (3,566 images at 224 px, 682 at 512)
 
 
 @dataclass(frozen=True)
@@ -145,12 +146,19 @@ def streaming_datasets(spec: DataSpec, preset: EvalPreset, workers: int, batch_s
     return {"train": train, "val": val}, StreamInfo(classes, preset.channels, steps, skipped)
 
 
+def shuffle_buffer_images(preset: EvalPreset, batch_size: int) -> int:
+    """Images a worker's shuffle buffer holds: ``STREAM_SHUFFLE_BUFFER``, fewer where they would
+    take more than ``STREAM_SHUFFLE_BYTES``, never under four batches."""
+    fit = STREAM_SHUFFLE_BYTES // (preset.channels * preset.image_size**2)
+    return max(4 * batch_size, min(STREAM_SHUFFLE_BUFFER, fit))
+
+
 def iter_stream(shard, batch_size: int, preset: EvalPreset, augment: Sequence[AugmentOp] = (),
                 shuffle_seed: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Normalised (and, for training, augmented) batches from a worker's Ray Data shard;
     ``shuffle_seed`` shuffles through a local buffer (training)."""
     shuffle = {} if shuffle_seed is None else {
-        "local_shuffle_buffer_size": max(STREAM_SHUFFLE_BUFFER, 4 * batch_size), "local_shuffle_seed": shuffle_seed,
+        "local_shuffle_buffer_size": shuffle_buffer_images(preset, batch_size), "local_shuffle_seed": shuffle_seed,
     }
     batched = () if decoded_augment(augment) else tuple(augment)  # the rest was applied in the decode tasks
     apply = augment_batches(preset, batched, torch.Generator().manual_seed(shuffle_seed or 0))
