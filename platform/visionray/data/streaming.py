@@ -43,6 +43,11 @@ STREAM_SHUFFLE_BUFFER = 4096  # images held per worker to shuffle a stream, at m
 STREAM_SHUFFLE_BYTES = 512 << 20  # decoded bytes that buffer may hold per worker (3,566 images at 224 px, 682 at 512)
 
 
+def _image_bytes(preset: EvalPreset) -> int:
+    """Bytes of one decoded image: a flat row of the stream."""
+    return preset.channels * preset.image_size**2
+
+
 @dataclass(frozen=True)
 class StreamInfo:
     """What a worker needs to know about a streamed dataset (from the driver's listing or manifest)."""
@@ -61,7 +66,7 @@ class Decoder:
 
     def __init__(self, preset: EvalPreset, on_bad: str, augment: Sequence[AugmentOp] = ()):
         self.preset, self.on_bad, self.augment = preset, on_bad, tuple(augment)
-        self.batch_size = max(1, min(DECODE_BATCH, DECODE_BATCH_BYTES // (preset.channels * preset.image_size**2)))
+        self.batch_size = max(1, min(DECODE_BATCH, DECODE_BATCH_BYTES // _image_bytes(preset)))
 
     def __call__(self, items: Sequence[Any], names: Sequence[str], labels: np.ndarray) -> dict[str, np.ndarray]:
         images, kept, _ = decode_batch(items, names, self.preset.channels, self.preset.image_size, self.on_bad)
@@ -149,8 +154,7 @@ def streaming_datasets(spec: DataSpec, preset: EvalPreset, workers: int, batch_s
 def shuffle_buffer_images(preset: EvalPreset, batch_size: int) -> int:
     """Images a worker's shuffle buffer holds: ``STREAM_SHUFFLE_BUFFER``, fewer where they would
     take more than ``STREAM_SHUFFLE_BYTES``, never under four batches."""
-    fit = STREAM_SHUFFLE_BYTES // (preset.channels * preset.image_size**2)
-    return max(4 * batch_size, min(STREAM_SHUFFLE_BUFFER, fit))
+    return max(4 * batch_size, min(STREAM_SHUFFLE_BUFFER, STREAM_SHUFFLE_BYTES // _image_bytes(preset)))
 
 
 def iter_stream(shard, batch_size: int, preset: EvalPreset, augment: Sequence[AugmentOp] = (),
